@@ -1,0 +1,142 @@
+"""Daemon configuration: a TOML file validated whole by pydantic.
+
+Every setting has a default, so ``pcproxy serve`` runs with no file at all on
+loopback ports and a SQLite table in the current directory; ``config/pcproxy.toml``
+is the commented example of every key.  A file that fails validation is
+reported field by field (``server.listen[0]: ...``) and nothing starts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Transport = Literal["udp", "tcp", "tls"]
+Mode = Literal["redirect", "proxy"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+DEFAULT_LISTEN = ("udp:127.0.0.1:5060", "tcp:127.0.0.1:5060", "udp:[::1]:5060", "tcp:[::1]:5060")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names the field."""
+
+
+class ListenAddress(BaseModel):
+    """One listening socket: ``udp:HOST:PORT``, ``tcp:[V6]:PORT``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    transport: Transport
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> ListenAddress:
+        transport, sep, hostport = text.partition(":")
+        if not sep or transport.lower() not in ("udp", "tcp", "tls"):
+            raise ValueError("expected udp:HOST:PORT or tcp:HOST:PORT, got %r" % text)
+        if hostport.startswith("["):
+            host, _, rest = hostport[1:].partition("]")
+            portstr = rest[1:] if rest.startswith(":") else ""
+        else:
+            host, _, portstr = hostport.rpartition(":")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError("%r: host must be an IP address, got %r" % (text, host)) from None
+        if not portstr.isdigit() or not 0 <= int(portstr) < 65536:
+            raise ValueError("%r: port must be 0-65535, got %r" % (text, portstr))
+        return cls(transport=transport.lower(), host=host, port=int(portstr))  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        return "%s:%s:%d" % (self.transport, host, self.port)
+
+
+def _listen_list(value: object) -> object:
+    if isinstance(value, list):
+        return [ListenAddress.parse(v) if isinstance(v, str) else v for v in value]
+    return value
+
+
+class ServerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    listen: list[ListenAddress] = Field(
+        default_factory=lambda: [ListenAddress.parse(v) for v in DEFAULT_LISTEN], min_length=1
+    )
+    mode: Mode = "redirect"
+    server_name: str = "pcproxy.invalid"
+    drain_timeout: Annotated[float, Field(ge=0.0, le=300.0)] = 5.0
+
+    _parse_listen = field_validator("listen", mode="before")(_listen_list)
+
+
+class TableSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: Path = Path("pcproxy.db")
+    poll_interval: Annotated[float, Field(gt=0.0, le=10.0)] = 0.25
+
+
+class LogSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    level: LogLevel = "info"
+
+
+class SipSettings(BaseModel):
+    """RFC 3261 timer values (§17.1.1.1) and input bounds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    t1: Annotated[float, Field(gt=0.0, le=10.0)] = 0.5
+    t2: Annotated[float, Field(gt=0.0, le=60.0)] = 4.0
+    t4: Annotated[float, Field(gt=0.0, le=60.0)] = 5.0
+    max_message_size: Annotated[int, Field(ge=1024, le=1 << 20)] = 65535
+    max_headers: Annotated[int, Field(ge=16, le=1024)] = 128
+    max_tcp_connections: Annotated[int, Field(ge=1)] = 4096
+    tcp_idle_timeout: Annotated[float, Field(gt=0.0)] = 600.0
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    table: TableSettings = Field(default_factory=TableSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    sip: SipSettings = Field(default_factory=SipSettings)
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Read and validate a config file (``None``: the built-in defaults)."""
+    data: dict[str, object] = {}
+    if path is not None:
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError("%s: cannot read: %s" % (path, exc.strerror)) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("%s: not valid TOML: %s" % (path, exc)) from None
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("%s: %s" % (path or "defaults", describe(exc))) from None
+
+
+def describe(exc: ValidationError) -> str:
+    """One line per invalid field, e.g. ``server.listen[0]: port must be ...``."""
+    lines = []
+    for err in exc.errors():
+        where = ""
+        for part in err["loc"]:
+            where += "[%d]" % part if isinstance(part, int) else ("." if where else "") + str(part)
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append("%s: %s" % (where or "(top level)", msg))
+    return "; ".join(lines)

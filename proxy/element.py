@@ -1,0 +1,364 @@
+"""The SIP element: bytes and ``now`` in, bytes to send and a deadline out.
+
+Theory of operation
+-------------------
+``Element.receive(data, peer, now)`` parses one message, matches it to a
+server transaction (RFC 3261 §17.2.3) or creates one, lets the UAS core decide
+the answer (§8.2 checks, then ``routing.decide``) and returns the ``Send``
+actions.  ``next_deadline()`` says when ``handle_timers(now)`` must run next.
+There is no socket, no asyncio and no clock here; the shell in
+``proxy.server`` moves bytes and arms one timer.
+
+Responses are sent per §18.2.2 and RFC 3581: on the connection the request
+came in on for TCP/TLS; over UDP to the source address, and to the source
+port when the top Via has ``rport`` (else the sent-by port).  The top Via of
+the response gets ``received`` (§18.2.1) and the ``rport`` value.
+
+Until the proxy core exists every endpoint, whatever its mode, is answered
+with a redirect.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+
+from proxy import routing
+from proxy.sip.errors import SipError, UriError
+from proxy.sip.headers import Via, option_tags, param_value, parse_uint, split_commas
+from proxy.sip.message import Header, Request, Response, make_response, parse
+from proxy.sip.peer import Peer, Send
+from proxy.sip.transaction import (
+    AckReceived,
+    Action,
+    InviteServerTransaction,
+    NonInviteServerTransaction,
+    RequestRetransmitted,
+    ResponseSent,
+    ServerTransaction,
+    State,
+    StartTimer,
+    StopTimer,
+    Terminated,
+    TimerFired,
+    Timers,
+    transaction_key,
+)
+from proxy.sip.uri import SipUri
+from proxy.store import Snapshot
+
+ALLOW = "INVITE, ACK, CANCEL, OPTIONS, SUBSCRIBE, NOTIFY, INFO, UPDATE, BYE, MESSAGE"
+ACCEPT = "application/sdp"
+SUPPORTED: frozenset[str] = frozenset()
+
+#: ms-diagnostics codes of pcproxy's own answers (see README).
+DIAG_NOT_FOUND = 52001
+DIAG_NOT_REGISTRAR = 52002
+DIAG_NO_DIALOG = 52003
+DIAG_BAD_REQUEST = 52004
+
+
+@dataclass(frozen=True, slots=True)
+class ElementConfig:
+    default_mode: str = "redirect"
+    server_name: str = "pcproxy.invalid"
+    timers: Timers = Timers()
+    max_message_size: int = 65535
+    max_headers: int = 128
+
+
+class TimerQueue:
+    """Pending timers, one FIFO per delay value.
+
+    Every timer of a given delay is due in the order it was armed, so a FIFO
+    per delay (there are a handful: T1·2^n up to T2, 64·T1, T4) keeps arming,
+    cancelling and expiring O(1).  Entries are keyed by (transaction, timer).
+    """
+
+    __slots__ = ("_queues", "_armed")
+
+    def __init__(self) -> None:
+        self._queues: dict[float, OrderedDict[tuple[object, str], float]] = {}
+        self._armed: dict[tuple[object, str], float] = {}
+
+    def __len__(self) -> int:
+        return len(self._armed)
+
+    def arm(self, owner: object, name: str, delay: float, now: float) -> None:
+        entry = (owner, name)
+        self.cancel(owner, name)
+        queue = self._queues.get(delay)
+        if queue is None:
+            queue = self._queues[delay] = OrderedDict()
+        queue[entry] = now + delay
+        self._armed[entry] = delay
+
+    def cancel(self, owner: object, name: str) -> None:
+        entry = (owner, name)
+        delay = self._armed.pop(entry, None)
+        if delay is not None:
+            del self._queues[delay][entry]
+
+    def in_flight(self) -> int:
+        """Transactions that still owe the network something: an INVITE not yet
+        ACKed, a non-INVITE not yet answered (what a drain waits for)."""
+        return sum(1 for t in self.transactions.values()
+                   if t.state in (State.PROCEEDING, State.TRYING)
+                   or (t.state is State.COMPLETED and isinstance(t, InviteServerTransaction)))
+
+    def next_deadline(self) -> float | None:
+        best: float | None = None
+        for queue in self._queues.values():
+            if queue:
+                at = next(iter(queue.values()))
+                if best is None or at < best:
+                    best = at
+        return best
+
+    def pop_due(self, now: float) -> list[tuple[object, str]]:
+        due: list[tuple[float, tuple[object, str]]] = []
+        for queue in self._queues.values():
+            while queue:
+                entry, at = next(iter(queue.items()))
+                if at > now:
+                    break
+                del queue[entry]
+                del self._armed[entry]
+                due.append((at, entry))
+        due.sort(key=lambda item: item[0])
+        return [entry for _, entry in due]
+
+
+class Element:
+    """A redirect server (RFC 3261 §8.2, §8.3) over server transactions."""
+
+    def __init__(self, snapshot: Snapshot, config: ElementConfig | None = None) -> None:
+        self.snapshot = snapshot
+        self.config = config or ElementConfig()
+        self.transactions: dict[tuple[str, ...], ServerTransaction] = {}
+        self.timers = TimerQueue()
+        self.counters: Counter[str] = Counter()
+        self.draining = False
+        self._tag_prefix = os.urandom(4).hex()
+        self._tag_seq = 0
+
+    # input ---------------------------------------------------------------
+    def receive(self, data: bytes, peer: Peer, now: float) -> list[Send]:
+        """Handle one datagram or one framed stream message."""
+        if not data.strip(b"\r\n\t "):
+            return []  # keep-alive on a datagram transport (RFC 5626 §3.5.1)
+        cfg = self.config
+        try:
+            msg = parse(data, stream=peer.reliable, max_size=cfg.max_message_size,
+                        max_headers=cfg.max_headers)
+        except SipError as exc:
+            return self._reject_malformed(exc, peer)
+        if isinstance(msg, Response):
+            self.counters["responses_absorbed"] += 1
+            return []
+        self.counters["requests." + msg.method] += 1
+        try:
+            return self._receive_request(msg, peer, now)
+        except SipError as exc:
+            exc.partial = msg  # type: ignore[attr-defined]
+            return self._reject_malformed(exc, peer)
+
+    def _receive_request(self, req: Request, peer: Peer, now: float) -> list[Send]:
+        via = req.via or req.top_via()
+        key = transaction_key(
+            req.method, via.branch, via.sent_by,
+            (req.uri, (req.from_addr.tag if req.from_addr else None) or "",
+             req.get("call-id") or "", str(req.cseq.number if req.cseq else ""), via.sent_by),
+        )
+        txn = self.transactions.get(key)
+        if req.method == "ACK":
+            if txn is not None and isinstance(txn, InviteServerTransaction):
+                return self._run(txn, AckReceived(), now)
+            self.counters["ack_absorbed"] += 1
+            return []  # an ACK to a 2xx is end to end; we never send a 2xx to INVITE
+        if txn is not None:
+            self.counters["retransmissions"] += 1
+            return self._run(txn, RequestRetransmitted(), now)
+
+        dest = response_peer(via, peer)
+        txn_cls = InviteServerTransaction if req.method == "INVITE" else NonInviteServerTransaction
+        txn = txn_cls(key, dest, self.config.timers, self._new_tag())
+        self.transactions[key] = txn
+        response = self._answer(req, via, peer, txn)
+        return self._run(txn, ResponseSent(response.status, bytes(response)), now)
+
+    # UAS core ------------------------------------------------------------
+    def _answer(self, req: Request, via: Via, peer: Peer, txn: ServerTransaction) -> Response:
+        """Choose the response (RFC 3261 §8.2 in order, then the table)."""
+        method = req.method
+        mf = req.get("max-forwards")
+        try:
+            uri = SipUri.parse(req.uri)
+        except UriError as exc:
+            return self._respond(req, via, peer, txn, exc.status, diag=(DIAG_BAD_REQUEST,
+                                 exc.reason))
+        to_us = uri.user is None
+        if mf is not None and parse_uint(mf, "Max-Forwards", 255) == 0 and not (
+            method == "OPTIONS" and to_us
+        ):
+            return self._respond(req, via, peer, txn, 483)  # §16.3 step 3, §8.2
+        if method == "CANCEL":
+            return self._cancel(req, via, peer, txn)
+        if self.draining:
+            return self._respond(req, via, peer, txn, 503, extra=[Header.make("Retry-After", "5")])
+        unsupported = [t for t in option_tags(_all(req, "require")) if t not in SUPPORTED]
+        if unsupported:  # §8.2.2.3
+            return self._respond(req, via, peer, txn, 420,
+                                 extra=[Header.make("Unsupported", ", ".join(unsupported))])
+        if method == "REGISTER":  # §10.3: not a registrar
+            return self._respond(req, via, peer, txn, 405, extra=[Header.make("Allow", ALLOW)],
+                                 diag=(DIAG_NOT_REGISTRAR, "pcproxy is not a registrar"))
+        if req.to_addr is not None and req.to_addr.tag is not None:  # §12.2.2: no dialogs here
+            return self._respond(req, via, peer, txn, 481,
+                                 diag=(DIAG_NO_DIALOG, "pcproxy holds no dialogs"))
+        if method == "OPTIONS" and to_us:  # §11.2
+            return self._respond(req, via, peer, txn, 200, extra=[
+                Header.make("Allow", ALLOW), Header.make("Accept", ACCEPT),
+                Header.make("Supported", ", ".join(sorted(SUPPORTED)))])
+        decision = routing.decide(self.snapshot, uri, self.config.default_mode)
+        if isinstance(decision, routing.NotFound):
+            self.counters["not_found"] += 1
+            return self._respond(req, via, peer, txn, 404, diag=(
+                DIAG_NOT_FOUND, "No persistent chat endpoint for %s" % decision.key))
+        endpoint = decision.endpoint
+        contact = (decision.contact if isinstance(decision, routing.Redirect)
+                   else routing.pool_contact(uri, endpoint))
+        self.counters["redirects"] += 1
+        return self._respond(req, via, peer, txn, 302, extra=[Header.make("Contact", contact)])
+
+    def _cancel(self, req: Request, via: Via, peer: Peer, txn: ServerTransaction) -> Response:
+        """RFC 3261 §9.2: 200 if the INVITE's transaction exists, else 481."""
+        invite_key = txn.key[:-1] + ("INVITE",) if txn.key[0] != "2543" else (
+            "2543", "INVITE", *txn.key[2:])
+        invite = self.transactions.get(invite_key)
+        if invite is None:
+            return self._respond(req, via, peer, txn, 481)
+        # a redirect server answers every INVITE at once, so the INVITE is
+        # already past PROCEEDING and the CANCEL has no effect on it
+        return self._respond(req, via, peer, txn, 200)
+
+    def _respond(self, req: Request, via: Via, peer: Peer, txn: ServerTransaction, status: int,
+                 *, extra: list[Header] | None = None,
+                 diag: tuple[int, str] | None = None) -> Response:
+        if diag is not None:
+            extra = list(extra or ())
+            extra.append(Header.make("ms-diagnostics", '%d;reason="%s";source="%s"' % (
+                diag[0], diag[1].replace('"', "'"), self.config.server_name)))
+        self.counters["responses.%d" % status] += 1
+        return make_response(req, status, to_tag=txn.to_tag, via=response_vias(req, via, peer),
+                             extra=extra)
+
+    def _reject_malformed(self, exc: SipError, peer: Peer) -> list[Send]:
+        """400/505/513... where the response can be routed (§8.2, §16.3), else drop."""
+        partial = getattr(exc, "partial", None)
+        if isinstance(partial, Request) and partial.method != "ACK":
+            try:
+                via = partial.top_via()
+            except SipError:
+                via = None
+            if via is not None:
+                self.counters["responses.%d" % exc.status] += 1
+                self.counters["malformed_answered"] += 1
+                extra = [Header.make("ms-diagnostics", '%d;reason="%s";source="%s"' % (
+                    DIAG_BAD_REQUEST, exc.reason.replace('"', "'")[:200],
+                    self.config.server_name))]
+                resp = make_response(partial, exc.status, to_tag=self._new_tag(),
+                                     via=response_vias(partial, via, peer), extra=extra)
+                return [Send(bytes(resp), response_peer(via, peer))]
+        self.counters["malformed_dropped"] += 1
+        return []
+
+    # transactions and timers -------------------------------------------------
+    def _run(self, txn: ServerTransaction, event: object, now: float) -> list[Send]:
+        out: list[Send] = []
+        actions: list[Action] = txn.handle(event)  # type: ignore[arg-type]
+        for action in actions:
+            if isinstance(action, Send):
+                out.append(action)
+            elif isinstance(action, StartTimer):
+                self.timers.arm(txn.key, action.name, action.delay, now)
+            elif isinstance(action, StopTimer):
+                self.timers.cancel(txn.key, action.name)
+            elif isinstance(action, Terminated):
+                for name in ("G", "H", "I", "J"):
+                    self.timers.cancel(txn.key, name)
+                self.transactions.pop(txn.key, None)
+        return out
+
+    def in_flight(self) -> int:
+        """Transactions that still owe the network something: an INVITE not yet
+        ACKed, a non-INVITE not yet answered (what a drain waits for)."""
+        return sum(1 for t in self.transactions.values()
+                   if t.state in (State.PROCEEDING, State.TRYING)
+                   or (t.state is State.COMPLETED and isinstance(t, InviteServerTransaction)))
+
+    def next_deadline(self) -> float | None:
+        return self.timers.next_deadline()
+
+    def handle_timers(self, now: float) -> list[Send]:
+        out: list[Send] = []
+        for owner, name in self.timers.pop_due(now):
+            txn = self.transactions.get(owner)  # type: ignore[call-overload]
+            if txn is not None:
+                out.extend(self._run(txn, TimerFired(name), now))
+        return out
+
+    def _new_tag(self) -> str:
+        self._tag_seq += 1
+        return "%s%x" % (self._tag_prefix, self._tag_seq)
+
+
+def response_peer(via: Via, peer: Peer) -> Peer:
+    """Where responses to this request go (RFC 3261 §18.2.2, RFC 3581 §4)."""
+    if peer.reliable:
+        return peer
+    maddr = via.param("maddr")
+    if maddr:
+        return Peer("udp", maddr.strip("[]"), via.port or 5060, peer.listener)
+    if via.param("rport") is not None:
+        return peer
+    return Peer("udp", peer.host, via.port or 5060, peer.listener)
+
+
+def response_vias(req: Request, via: Via, peer: Peer) -> list[Header] | None:
+    """The request's Via lines with ``received``/``rport`` set on the top one
+    (RFC 3261 §18.2.1, RFC 3581 §4), or None when nothing needs to change."""
+    rport = via.param("rport")
+    host = via.host.strip("[]")
+    if rport != "" and host == peer.host:
+        return None
+    add = ""
+    if param_value(via.params, "received") is None:
+        add += ";received=" + peer.host
+    for i, h in enumerate(req.headers):
+        if h.key == "via":
+            values = split_commas(h.value)
+            top = values[0]
+            if rport == "":
+                top = _fill_rport(top, peer.port)
+            values[0] = top + add
+            new = Header(h.key, h.name, ", ".join(values), "%s: %s" % (h.name, ", ".join(values)))
+            vias = [new]
+            vias.extend(x for x in req.headers[i + 1 :] if x.key == "via")
+            return vias
+    return None
+
+
+def _fill_rport(value: str, port: int) -> str:
+    head, sep, params = value.partition(";")
+    out = []
+    for p in params.split(";"):
+        out.append("rport=%d" % port if p.strip().lower() == "rport" else p)
+    return head + sep + ";".join(out)
+
+
+def _all(req: Request, key: str) -> list[str]:
+    return [h.value for h in req.headers if h.key == key]
+
+

@@ -1,0 +1,350 @@
+"""Header field values: names, lists, parameters, Via, name-addr, CSeq.
+
+RFC 3261 §7.3 (header field format, folding, comma-separated lists), §7.3.3
+(compact forms), §20 (the fields), §25.1 (ABNF).  Values arrive as ``str``
+decoded from Latin-1, so every byte maps to one character and serialising
+gives the same bytes back; nothing here re-encodes what it does not change.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from proxy.sip.errors import ParseError
+from proxy.sip.uri import SipUri, UriError, scheme_of
+
+#: RFC 3261 §7.3.3 plus the registered compact forms that SIP elements meet.
+COMPACT_FORMS = {
+    "a": "accept-contact",
+    "b": "referred-by",
+    "c": "content-type",
+    "d": "request-disposition",
+    "e": "content-encoding",
+    "f": "from",
+    "i": "call-id",
+    "j": "reject-contact",
+    "k": "supported",
+    "l": "content-length",
+    "m": "contact",
+    "n": "identity-info",
+    "o": "event",
+    "r": "refer-to",
+    "s": "subject",
+    "t": "to",
+    "u": "allow-events",
+    "v": "via",
+    "x": "session-expires",
+    "y": "identity",
+}
+
+_TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+\Z")
+_LWS = " \t"
+
+#: Canonical key of a header name: lower case, compact forms expanded.
+_key_cache: dict[str, str] = {}
+
+
+def header_key(name: str) -> str:
+    """The comparison key of a header name (§7.3.1: names are case-insensitive)."""
+    key = _key_cache.get(name)
+    if key is None:
+        if not _TOKEN.match(name):
+            raise ParseError("malformed header name %r" % name[:40])
+        lower = name.lower()
+        key = COMPACT_FORMS.get(lower, lower)
+        if len(_key_cache) < 4096:
+            _key_cache[name] = key
+    return key
+
+
+def is_token(text: str) -> bool:
+    return bool(_TOKEN.match(text))
+
+
+def split_commas(value: str) -> list[str]:
+    """Split a comma-separated header value (§7.3.1), honouring quoted strings
+    and ``<...>`` (a URI may hold commas inside angle brackets)."""
+    if "," not in value:
+        return [value.strip(_LWS)]
+    parts: list[str] = []
+    start = 0
+    quoted = angle = False
+    i, n = 0, len(value)
+    while i < n:
+        ch = value[i]
+        if quoted:
+            if ch == "\\":
+                i += 1
+            elif ch == '"':
+                quoted = False
+        elif ch == '"':
+            quoted = True
+        elif ch == "<":
+            angle = True
+        elif ch == ">":
+            angle = False
+        elif ch == "," and not angle:
+            parts.append(value[start:i].strip(_LWS))
+            start = i + 1
+        i += 1
+    if quoted:
+        raise ParseError("unbalanced quotes in %r" % value[:80])
+    parts.append(value[start:].strip(_LWS))
+    return parts
+
+
+def parse_params(text: str) -> list[tuple[str, str | None]]:
+    """``;name=value;flag`` -> [(name, value), (flag, None)] (§25.1 generic-param).
+
+    Names are lower-cased; a value may be a token, a host or a quoted string.
+    """
+    params: list[tuple[str, str | None]] = []
+    if not text:
+        return params
+    if "\"" in text:
+        items = _split_params_quoted(text)
+    else:
+        items = text.split(";")
+    for item in items[1:] if items and not items[0].strip(_LWS) else items:
+        name, eq, value = item.partition("=")
+        name = name.strip(_LWS)
+        if not name or not _TOKEN.match(name):
+            raise ParseError("malformed parameter %r" % item[:80])
+        if eq:
+            value = value.strip(_LWS)
+            if not value:
+                raise ParseError("empty value for parameter %r" % name)
+            if value[0] == '"':
+                _check_quoted(value)
+            params.append((name.lower(), value))
+        else:
+            params.append((name.lower(), None))
+    return params
+
+
+def _split_params_quoted(text: str) -> list[str]:
+    items: list[str] = []
+    start, quoted, i = 0, False, 0
+    while i < len(text):
+        ch = text[i]
+        if quoted:
+            if ch == "\\":
+                i += 1
+            elif ch == '"':
+                quoted = False
+        elif ch == '"':
+            quoted = True
+        elif ch == ";":
+            items.append(text[start:i])
+            start = i + 1
+        i += 1
+    if quoted:
+        raise ParseError("unbalanced quotes in parameters")
+    items.append(text[start:])
+    return items
+
+
+def _check_quoted(text: str) -> int:
+    """Validate a quoted-string at the start of ``text``; return its end index."""
+    i = 1
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == '"':
+            return i + 1
+        i += 1
+    raise ParseError("unterminated quoted string")
+
+
+def param_value(params: list[tuple[str, str | None]], name: str) -> str | None:
+    for pname, value in params:
+        if pname == name:
+            return "" if value is None else value
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Via:
+    """One Via value: ``SIP/2.0/UDP host:port;branch=...`` (RFC 3261 §20.42)."""
+
+    transport: str
+    host: str
+    port: int | None
+    params: list[tuple[str, str | None]]
+
+    #: RFC 3261 §8.1.1.7: branches that start with the magic cookie are unique.
+    MAGIC_COOKIE = "z9hG4bK"
+
+    @classmethod
+    def parse(cls, value: str) -> Via:
+        proto, sep, rest = value.partition("/")
+        version, sep2, rest = rest.partition("/")
+        if not sep or not sep2:
+            raise ParseError("malformed Via %r" % value[:80])
+        proto, version = proto.strip(_LWS), version.strip(_LWS)
+        if proto.upper() != "SIP" or not _TOKEN.match(version):
+            raise ParseError("malformed Via protocol %r" % value[:80])
+        rest = rest.lstrip(_LWS)
+        i = 0
+        while i < len(rest) and rest[i] not in _LWS:
+            i += 1
+        transport = rest[:i]
+        if not transport or not _TOKEN.match(transport):
+            raise ParseError("malformed Via transport %r" % value[:80])
+        sentby, semi, paramtext = rest[i:].lstrip(_LWS).partition(";")
+        sentby = sentby.strip(_LWS)
+        host, port = _parse_sent_by(sentby)
+        params = parse_params(paramtext) if semi else []
+        return cls(transport.upper(), host, port, params)
+
+    @property
+    def branch(self) -> str | None:
+        return param_value(self.params, "branch")
+
+    def param(self, name: str) -> str | None:
+        return param_value(self.params, name)
+
+    @property
+    def sent_by(self) -> str:
+        return self.host if self.port is None else "%s:%d" % (self.host, self.port)
+
+
+def _parse_sent_by(sentby: str) -> tuple[str, int | None]:
+    if not sentby:
+        raise ParseError("Via without sent-by")
+    if sentby.startswith("["):
+        end = sentby.find("]")
+        if end < 0:
+            raise ParseError("malformed IPv6 reference in Via")
+        host, rest = sentby[: end + 1], sentby[end + 1 :].strip(_LWS)
+        portstr = rest[1:].strip(_LWS) if rest.startswith(":") else None
+        if rest and portstr is None:
+            raise ParseError("malformed Via sent-by %r" % sentby[:80])
+    else:
+        host, colon, p = sentby.partition(":")
+        host = host.strip(_LWS)
+        portstr = p.strip(_LWS) if colon else None
+    try:
+        SipUri.parse("sip:" + host)
+    except UriError:
+        raise ParseError("malformed Via host %r" % host[:80]) from None
+    port = None
+    if portstr is not None:
+        if not portstr.isdigit() or not portstr.isascii() or len(portstr) > 5:
+            raise ParseError("malformed Via port %r" % portstr[:10])
+        port = int(portstr)
+        if not 0 < port < 65536:
+            raise ParseError("Via port out of range")
+    return host, port
+
+
+@dataclass(frozen=True, slots=True)
+class NameAddr:
+    """From, To, Contact, Route values: ``"Name" <uri>;tag=x`` (§20.10, §25.1)."""
+
+    display: str | None
+    uri: str
+    params: list[tuple[str, str | None]]
+    bracketed: bool
+
+    @classmethod
+    def parse(cls, value: str) -> NameAddr:
+        value = value.strip(_LWS)
+        display: str | None = None
+        if value.startswith('"'):
+            end = _check_quoted(value)
+            display = value[:end]
+            rest = value[end:].lstrip(_LWS)
+            if not rest.startswith("<"):
+                raise ParseError("quoted display name without <addr-spec>")
+        else:
+            lt = value.find("<")
+            if lt >= 0:
+                display = value[:lt].strip(_LWS) or None
+                if display is not None:
+                    for word in display.split():
+                        if not _TOKEN.match(word):
+                            raise ParseError("display name %r must be quoted" % display[:40])
+                rest = value[lt:]
+            else:
+                rest = value
+        if rest.startswith("<"):
+            gt = rest.find(">")
+            if gt < 0:
+                raise ParseError("missing '>' in %r" % value[:80])
+            uri = rest[1:gt].strip(_LWS)
+            tail = rest[gt + 1 :].strip(_LWS)
+            if tail and not tail.startswith(";"):
+                raise ParseError("garbage after '>' in %r" % value[:80])
+            bracketed = True
+        else:
+            # addr-spec without brackets: parameters belong to the header (§20.10)
+            uri, semi, tail = rest.partition(";")
+            uri = uri.strip(_LWS)
+            tail = semi + tail
+            if any(c in uri for c in " \t,?"):
+                raise ParseError("URI with special characters must be in <> in %r" % value[:80])
+            bracketed = False
+        _check_uri(uri)
+        return cls(display, uri, parse_params(tail) if tail else [], bracketed)
+
+    @property
+    def tag(self) -> str | None:
+        return param_value(self.params, "tag")
+
+
+def _check_uri(uri: str) -> None:
+    """Any absoluteURI may stand in From/To; SIP ones must parse (§19.1)."""
+    scheme = scheme_of(uri)
+    if not scheme:
+        raise ParseError("malformed URI %r" % uri[:80])
+    if scheme in ("sip", "sips"):
+        try:
+            SipUri.parse(uri)
+        except UriError as exc:
+            raise ParseError("malformed URI: %s" % exc.reason) from None
+    elif any(c in uri for c in " \t<>\""):
+        raise ParseError("malformed URI %r" % uri[:80])
+
+
+@dataclass(frozen=True, slots=True)
+class CSeq:
+    """``CSeq: 4711 INVITE`` (RFC 3261 §20.16: a 32-bit number, below 2**31)."""
+
+    number: int
+    method: str
+
+    @classmethod
+    def parse(cls, value: str) -> CSeq:
+        parts = value.split()
+        if len(parts) != 2 or not parts[0].isdigit() or not parts[0].isascii():
+            raise ParseError("malformed CSeq %r" % value[:40])
+        if len(parts[0]) > 10 or int(parts[0]) >= 2**31:
+            raise ParseError("CSeq number out of range")
+        if not _TOKEN.match(parts[1]):
+            raise ParseError("malformed CSeq method")
+        return cls(int(parts[0]), parts[1])
+
+
+def parse_uint(value: str, what: str, limit: int) -> int:
+    """A decimal field such as Max-Forwards or Expires, bounded by ``limit``."""
+    value = value.strip(_LWS)
+    if not value.isdigit() or not value.isascii() or len(value) > 10 or int(value) > limit:
+        raise ParseError("%s: %r is not a number up to %d" % (what, value[:20], limit))
+    return int(value)
+
+
+def option_tags(values: list[str]) -> list[str]:
+    """Option tags of Require/Proxy-Require/Supported/Unsupported (§20.32)."""
+    tags: list[str] = []
+    for value in values:
+        for tag in value.split(","):
+            tag = tag.strip(_LWS)
+            if tag:
+                if not _TOKEN.match(tag):
+                    raise ParseError("malformed option tag %r" % tag[:40])
+                tags.append(tag)
+    return tags

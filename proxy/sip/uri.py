@@ -1,0 +1,223 @@
+"""SIP and SIPS URIs: parsing, serialising and comparison keys.
+
+RFC 3261 §19.1.1 gives the grammar (the ABNF is in §25.1), §19.1.4 the
+comparison rules.  Endpoint identities follow Lync rather than §19.1.4 in one
+point: Lync treats SIP addresses as case-insensitive, so the user part is
+case-folded too, and ``sip:OCSChat@Contoso.com`` names the same endpoint as
+``sip:ocschat@contoso.com``.  The comparison key of an identity is
+``user@host`` with escapes decoded (§19.1.4: "%61lice" is "alice"), the user
+case-folded and the host lower-cased; port and parameters are not part of the
+identity.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from proxy.sip.errors import UriError
+
+MAX_URI_LENGTH = 2048
+
+_MARK = r"\-_.!~*'()"
+_UNRESERVED = "A-Za-z0-9" + _MARK
+_USER_CHARS = re.compile(r"(?:[" + _UNRESERVED + r"&=+$,;?/]|%[0-9A-Fa-f]{2})+\Z")
+_PASSWORD_CHARS = re.compile(r"(?:[" + _UNRESERVED + r"&=+$,]|%[0-9A-Fa-f]{2})*\Z")
+_PARAM_CHARS = re.compile(r"(?:[" + _UNRESERVED + r"\[\]/:&+$]|%[0-9A-Fa-f]{2})+\Z")
+_HEADER_CHARS = re.compile(r"(?:[" + _UNRESERVED + r"\[\]/?:+$=&]|%[0-9A-Fa-f]{2})*\Z")
+_HOSTNAME = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)*"
+    r"[A-Za-z](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.?\Z"
+)
+_IPV4 = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}\Z")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*\Z")
+_FQDN_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class SipUri:
+    """A parsed ``sip:`` or ``sips:`` URI (RFC 3261 §19.1.1).
+
+    ``params`` keeps the parameters in order with their names lower-cased
+    (parameter names compare case-insensitively, §19.1.4); ``user`` and the
+    parameter values keep their escapes, so ``__str__`` gives back an
+    equivalent URI.
+    """
+
+    scheme: str
+    user: str | None
+    password: str | None
+    host: str
+    port: int | None
+    params: tuple[tuple[str, str | None], ...] = ()
+    headers: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> SipUri:
+        """Parse a SIP or SIPS URI.
+
+        Raises ``UriError`` with status 416 for a well-formed URI of another
+        scheme (RFC 3261 §8.2.2.1) and status 400 for anything malformed.
+        """
+        if len(text) > MAX_URI_LENGTH:
+            raise UriError("URI longer than %d characters" % MAX_URI_LENGTH, 414)
+        scheme, sep, rest = text.partition(":")
+        if not sep or not _SCHEME.match(scheme):
+            raise UriError("no URI scheme in %r" % text[:80])
+        scheme = scheme.lower()
+        if scheme not in ("sip", "sips"):
+            raise UriError("unsupported URI scheme %r" % scheme, 416)
+
+        rest, qmark, headers = rest.partition("?")
+        if qmark and not _HEADER_CHARS.match(headers):
+            raise UriError("malformed URI headers")
+        user = password = None
+        if "@" in rest:
+            userinfo, _, rest = rest.rpartition("@")
+            # user may hold ';' and '?', never '@' (§25.1): a second '@' is an error
+            user, colon, pw = userinfo.partition(":")
+            if not _USER_CHARS.match(user):
+                raise UriError("malformed user part %r" % user[:80])
+            if colon:
+                if not _PASSWORD_CHARS.match(pw):
+                    raise UriError("malformed password")
+                password = pw
+        hostport, _, paramtext = rest.partition(";")
+        host, port = _split_hostport(hostport)
+        params: list[tuple[str, str | None]] = []
+        if paramtext:
+            for item in paramtext.split(";"):
+                name, eq, value = item.partition("=")
+                if not _PARAM_CHARS.match(name) or (eq and not _PARAM_CHARS.match(value)):
+                    raise UriError("malformed URI parameter %r" % item[:80])
+                params.append((name.lower(), value if eq else None))
+        return cls(scheme, user, password, host, port, tuple(params), headers if qmark else None)
+
+    def param(self, name: str) -> str | None:
+        """Value of the first parameter called ``name`` ('' for a flag)."""
+        for pname, value in self.params:
+            if pname == name:
+                return "" if value is None else value
+        return None
+
+    @property
+    def aor_key(self) -> str:
+        """The identity used to match the endpoint table: ``user@host``."""
+        user = unquote(self.user).casefold() if self.user is not None else ""
+        return "%s@%s" % (user, self.host.lower().rstrip("."))
+
+    def __str__(self) -> str:
+        out = [self.scheme, ":"]
+        if self.user is not None:
+            out.append(self.user)
+            if self.password is not None:
+                out += [":", self.password]
+            out.append("@")
+        out.append(self.host)
+        if self.port is not None:
+            out += [":", str(self.port)]
+        for name, value in self.params:
+            out += [";", name] if value is None else [";", name, "=", value]
+        if self.headers is not None:
+            out += ["?", self.headers]
+        return "".join(out)
+
+
+def _split_hostport(hostport: str) -> tuple[str, int | None]:
+    """Split ``host[:port]`` and validate both (RFC 3261 §25.1 hostport)."""
+    if hostport.startswith("["):
+        end = hostport.find("]")
+        if end < 0:
+            raise UriError("unterminated IPv6 reference")
+        host, rest = hostport[: end + 1], hostport[end + 1 :]
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise UriError("malformed IPv6 reference %r" % host[:80]) from None
+        if rest and not rest.startswith(":"):
+            raise UriError("garbage after IPv6 reference")
+        portstr = rest[1:] if rest else None
+    else:
+        host, colon, portstr_ = hostport.partition(":")
+        portstr = portstr_ if colon else None
+        if _IPV4.match(host):
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise UriError("malformed IPv4 address %r" % host) from None
+        elif not _HOSTNAME.match(host):
+            raise UriError("malformed host %r" % host[:80])
+    port = None
+    if portstr is not None:
+        if not portstr.isdigit() or not portstr.isascii() or len(portstr) > 5:
+            raise UriError("malformed port %r" % portstr[:10])
+        port = int(portstr)
+        if not 0 < port < 65536:
+            raise UriError("port %d out of range" % port)
+    return host, port
+
+
+def scheme_of(text: str) -> str:
+    """The lower-cased scheme of any absolute URI, or '' if there is none."""
+    scheme, sep, _ = text.partition(":")
+    return scheme.lower() if sep and _SCHEME.match(scheme) else ""
+
+
+@dataclass(frozen=True, slots=True)
+class AddressOfRecord:
+    """An endpoint identity as an operator types it: ``sip:user@domain``.
+
+    ``text`` is what is shown (the user as typed, the domain lower-cased);
+    ``key`` is what is unique and matched (see the module docstring).
+    """
+
+    text: str
+    key: str
+
+    @classmethod
+    def parse(cls, text: str) -> AddressOfRecord:
+        """Validate a SIP address the way New-CsPersistentChatEndpoint does.
+
+        It needs the ``sip:`` prefix, a user and a domain name; a port,
+        parameters, headers or an IP address have no place in an identity.
+        """
+        text = text.strip()
+        if not text.lower().startswith("sip:"):
+            raise UriError("must start with 'sip:' (e.g. sip:ocschat@contoso.com)")
+        try:
+            uri = SipUri.parse(text)
+        except UriError as exc:
+            raise UriError(exc.reason) from None
+        if uri.user is None or uri.user == "":
+            raise UriError("has no user part (expected sip:user@domain)")
+        if uri.password is not None or uri.port is not None or uri.params or uri.headers:
+            raise UriError("must be sip:user@domain, without password, port or parameters")
+        domain = normalise_fqdn(uri.host, what="domain")
+        return cls("sip:%s@%s" % (uri.user, domain), uri.aor_key)
+
+
+def normalise_fqdn(text: str, what: str = "name") -> str:
+    """Check a fully qualified domain name per RFC 1123 §2.1 and lower-case it.
+
+    At least two labels, each 1–63 letters, digits or inner hyphens, at most
+    253 characters, and a top label that is not all digits (so that it cannot
+    be read as an IPv4 address).  A trailing dot is accepted and removed.
+    """
+    name = text.strip().lower()
+    if name.endswith("."):
+        name = name[:-1]
+    if not name or len(name) > 253:
+        raise UriError("%s must be 1 to 253 characters" % what)
+    labels = name.split(".")
+    if len(labels) < 2:
+        raise UriError("%s %r is not fully qualified (expected e.g. pcpool.contoso.com)"
+                       % (what, text))
+    for label in labels:
+        if not _FQDN_LABEL.match(label):
+            raise UriError("%s %r has an invalid label %r (letters, digits and inner "
+                           "hyphens, 1-63 characters)" % (what, text, label))
+    if labels[-1].isdigit():
+        raise UriError("%s %r is an address, not a domain name" % (what, text))
+    return name
