@@ -21,12 +21,13 @@ with a redirect.
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 from proxy import routing
 from proxy.sip.errors import SipError, UriError
-from proxy.sip.headers import Via, option_tags, param_value, parse_uint, split_commas
+from proxy.sip.headers import Via, option_tags, param_value, split_commas
 from proxy.sip.message import Header, Request, Response, make_response, parse
 from proxy.sip.peer import Peer, Send
 from proxy.sip.transaction import (
@@ -37,15 +38,15 @@ from proxy.sip.transaction import (
     RequestRetransmitted,
     ResponseSent,
     ServerTransaction,
-    State,
     StartTimer,
+    State,
     StopTimer,
     Terminated,
     TimerFired,
     Timers,
     transaction_key,
 )
-from proxy.sip.uri import SipUri
+from proxy.sip.uri import parse_uri
 from proxy.store import Snapshot
 
 ALLOW = "INVITE, ACK, CANCEL, OPTIONS, SUBSCRIBE, NOTIFY, INFO, UPDATE, BYE, MESSAGE"
@@ -66,6 +67,14 @@ class ElementConfig:
     timers: Timers = Timers()
     max_message_size: int = 65535
     max_headers: int = 128
+
+
+#: The first Via of a datagram: sent-by and an RFC 3261 branch (§8.1.1.7).
+_ACK_VIA = re.compile(
+    rb"\r\n(?:Via|v)[ \t]*:[ \t]*SIP/2\.0/[A-Za-z]+[ \t]+([^;, \t\r\n]+)"
+    rb"(?:;(?!branch=)[^;,\r\n]*)*;branch=(z9hG4bK[^;, \t\r\n]+)[^,\r\n]*\r\n",
+    re.I,
+)
 
 
 class TimerQueue:
@@ -99,13 +108,6 @@ class TimerQueue:
         delay = self._armed.pop(entry, None)
         if delay is not None:
             del self._queues[delay][entry]
-
-    def in_flight(self) -> int:
-        """Transactions that still owe the network something: an INVITE not yet
-        ACKed, a non-INVITE not yet answered (what a drain waits for)."""
-        return sum(1 for t in self.transactions.values()
-                   if t.state in (State.PROCEEDING, State.TRYING)
-                   or (t.state is State.COMPLETED and isinstance(t, InviteServerTransaction)))
 
     def next_deadline(self) -> float | None:
         best: float | None = None
@@ -146,12 +148,20 @@ class Element:
     # input ---------------------------------------------------------------
     def receive(self, data: bytes, peer: Peer, now: float) -> list[Send]:
         """Handle one datagram or one framed stream message."""
-        if not data.strip(b"\r\n\t "):
+        if data[:4] == b"ACK ":
+            txn = self._ack_transaction(data)
+            if txn is not None:
+                return self._run(txn, AckReceived(), now)
+        elif not data.strip(b"\r\n\t "):
             return []  # keep-alive on a datagram transport (RFC 5626 §3.5.1)
         cfg = self.config
         try:
-            msg = parse(data, stream=peer.reliable, max_size=cfg.max_message_size,
-                        max_headers=cfg.max_headers)
+            msg = parse(
+                data,
+                stream=peer.reliable,
+                max_size=cfg.max_message_size,
+                max_headers=cfg.max_headers,
+            )
         except SipError as exc:
             return self._reject_malformed(exc, peer)
         if isinstance(msg, Response):
@@ -164,12 +174,35 @@ class Element:
             exc.partial = msg  # type: ignore[attr-defined]
             return self._reject_malformed(exc, peer)
 
+    def _ack_transaction(self, data: bytes) -> ServerTransaction | None:
+        """The INVITE transaction an ACK belongs to, from its top Via alone.
+
+        RFC 3261 §17.2.3 matches on the top Via's branch and sent-by, so an
+        ACK for a 3xx-6xx needs no further parsing: the transaction absorbs it
+        (§17.2.1).  Anything that does not match takes the full path.
+        """
+        m = _ACK_VIA.search(data, 0, 2048)
+        if m is None:
+            return None
+        sent_by, branch = m.group(1).decode("latin-1"), m.group(2).decode("latin-1")
+        txn = self.transactions.get((branch, sent_by.lower(), "INVITE"))
+        if txn is None or txn.state not in (State.COMPLETED, State.CONFIRMED):
+            return None
+        return txn
+
     def _receive_request(self, req: Request, peer: Peer, now: float) -> list[Send]:
         via = req.via or req.top_via()
         key = transaction_key(
-            req.method, via.branch, via.sent_by,
-            (req.uri, (req.from_addr.tag if req.from_addr else None) or "",
-             req.get("call-id") or "", str(req.cseq.number if req.cseq else ""), via.sent_by),
+            req.method,
+            via.branch,
+            via.sent_by,
+            (
+                req.uri,
+                (req.from_addr.tag if req.from_addr else None) or "",
+                req.get("call-id") or "",
+                str(req.cseq.number if req.cseq else ""),
+                via.sent_by,
+            ),
         )
         txn = self.transactions.get(key)
         if req.method == "ACK":
@@ -192,50 +225,76 @@ class Element:
     def _answer(self, req: Request, via: Via, peer: Peer, txn: ServerTransaction) -> Response:
         """Choose the response (RFC 3261 §8.2 in order, then the table)."""
         method = req.method
-        mf = req.get("max-forwards")
         try:
-            uri = SipUri.parse(req.uri)
+            uri = parse_uri(req.uri)
         except UriError as exc:
-            return self._respond(req, via, peer, txn, exc.status, diag=(DIAG_BAD_REQUEST,
-                                 exc.reason))
+            return self._respond(
+                req, via, peer, txn, exc.status, diag=(DIAG_BAD_REQUEST, exc.reason)
+            )
         to_us = uri.user is None
-        if mf is not None and parse_uint(mf, "Max-Forwards", 255) == 0 and not (
-            method == "OPTIONS" and to_us
-        ):
+        if req.max_forwards == 0 and not (method == "OPTIONS" and to_us):
             return self._respond(req, via, peer, txn, 483)  # §16.3 step 3, §8.2
         if method == "CANCEL":
             return self._cancel(req, via, peer, txn)
         if self.draining:
             return self._respond(req, via, peer, txn, 503, extra=[Header.make("Retry-After", "5")])
-        unsupported = [t for t in option_tags(_all(req, "require")) if t not in SUPPORTED]
+        unsupported = [t for t in option_tags(req.get_all("require")) if t not in SUPPORTED]
         if unsupported:  # §8.2.2.3
-            return self._respond(req, via, peer, txn, 420,
-                                 extra=[Header.make("Unsupported", ", ".join(unsupported))])
+            return self._respond(
+                req, via, peer, txn, 420, extra=[Header.make("Unsupported", ", ".join(unsupported))]
+            )
         if method == "REGISTER":  # §10.3: not a registrar
-            return self._respond(req, via, peer, txn, 405, extra=[Header.make("Allow", ALLOW)],
-                                 diag=(DIAG_NOT_REGISTRAR, "pcproxy is not a registrar"))
+            return self._respond(
+                req,
+                via,
+                peer,
+                txn,
+                405,
+                extra=[Header.make("Allow", ALLOW)],
+                diag=(DIAG_NOT_REGISTRAR, "pcproxy is not a registrar"),
+            )
         if req.to_addr is not None and req.to_addr.tag is not None:  # §12.2.2: no dialogs here
-            return self._respond(req, via, peer, txn, 481,
-                                 diag=(DIAG_NO_DIALOG, "pcproxy holds no dialogs"))
+            return self._respond(
+                req, via, peer, txn, 481, diag=(DIAG_NO_DIALOG, "pcproxy holds no dialogs")
+            )
         if method == "OPTIONS" and to_us:  # §11.2
-            return self._respond(req, via, peer, txn, 200, extra=[
-                Header.make("Allow", ALLOW), Header.make("Accept", ACCEPT),
-                Header.make("Supported", ", ".join(sorted(SUPPORTED)))])
+            return self._respond(
+                req,
+                via,
+                peer,
+                txn,
+                200,
+                extra=[
+                    Header.make("Allow", ALLOW),
+                    Header.make("Accept", ACCEPT),
+                    Header.make("Supported", ", ".join(sorted(SUPPORTED))),
+                ],
+            )
         decision = routing.decide(self.snapshot, uri, self.config.default_mode)
         if isinstance(decision, routing.NotFound):
             self.counters["not_found"] += 1
-            return self._respond(req, via, peer, txn, 404, diag=(
-                DIAG_NOT_FOUND, "No persistent chat endpoint for %s" % decision.key))
+            return self._respond(
+                req,
+                via,
+                peer,
+                txn,
+                404,
+                diag=(DIAG_NOT_FOUND, "No persistent chat endpoint for %s" % decision.key),
+            )
         endpoint = decision.endpoint
-        contact = (decision.contact if isinstance(decision, routing.Redirect)
-                   else routing.pool_contact(uri, endpoint))
+        contact = (
+            decision.contact
+            if isinstance(decision, routing.Redirect)
+            else routing.pool_contact(uri, endpoint)
+        )
         self.counters["redirects"] += 1
         return self._respond(req, via, peer, txn, 302, extra=[Header.make("Contact", contact)])
 
     def _cancel(self, req: Request, via: Via, peer: Peer, txn: ServerTransaction) -> Response:
         """RFC 3261 §9.2: 200 if the INVITE's transaction exists, else 481."""
-        invite_key = txn.key[:-1] + ("INVITE",) if txn.key[0] != "2543" else (
-            "2543", "INVITE", *txn.key[2:])
+        invite_key = (
+            txn.key[:-1] + ("INVITE",) if txn.key[0] != "2543" else ("2543", "INVITE", *txn.key[2:])
+        )
         invite = self.transactions.get(invite_key)
         if invite is None:
             return self._respond(req, via, peer, txn, 481)
@@ -243,16 +302,30 @@ class Element:
         # already past PROCEEDING and the CANCEL has no effect on it
         return self._respond(req, via, peer, txn, 200)
 
-    def _respond(self, req: Request, via: Via, peer: Peer, txn: ServerTransaction, status: int,
-                 *, extra: list[Header] | None = None,
-                 diag: tuple[int, str] | None = None) -> Response:
+    def _respond(
+        self,
+        req: Request,
+        via: Via,
+        peer: Peer,
+        txn: ServerTransaction,
+        status: int,
+        *,
+        extra: list[Header] | None = None,
+        diag: tuple[int, str] | None = None,
+    ) -> Response:
         if diag is not None:
             extra = list(extra or ())
-            extra.append(Header.make("ms-diagnostics", '%d;reason="%s";source="%s"' % (
-                diag[0], diag[1].replace('"', "'"), self.config.server_name)))
+            extra.append(
+                Header.make(
+                    "ms-diagnostics",
+                    '%d;reason="%s";source="%s"'
+                    % (diag[0], diag[1].replace('"', "'"), self.config.server_name),
+                )
+            )
         self.counters["responses.%d" % status] += 1
-        return make_response(req, status, to_tag=txn.to_tag, via=response_vias(req, via, peer),
-                             extra=extra)
+        return make_response(
+            req, status, to_tag=txn.to_tag, via=response_vias(req, via, peer), extra=extra
+        )
 
     def _reject_malformed(self, exc: SipError, peer: Peer) -> list[Send]:
         """400/505/513... where the response can be routed (§8.2, §16.3), else drop."""
@@ -265,11 +338,24 @@ class Element:
             if via is not None:
                 self.counters["responses.%d" % exc.status] += 1
                 self.counters["malformed_answered"] += 1
-                extra = [Header.make("ms-diagnostics", '%d;reason="%s";source="%s"' % (
-                    DIAG_BAD_REQUEST, exc.reason.replace('"', "'")[:200],
-                    self.config.server_name))]
-                resp = make_response(partial, exc.status, to_tag=self._new_tag(),
-                                     via=response_vias(partial, via, peer), extra=extra)
+                extra = [
+                    Header.make(
+                        "ms-diagnostics",
+                        '%d;reason="%s";source="%s"'
+                        % (
+                            DIAG_BAD_REQUEST,
+                            exc.reason.replace('"', "'")[:200],
+                            self.config.server_name,
+                        ),
+                    )
+                ]
+                resp = make_response(
+                    partial,
+                    exc.status,
+                    to_tag=self._new_tag(),
+                    via=response_vias(partial, via, peer),
+                    extra=extra,
+                )
                 return [Send(bytes(resp), response_peer(via, peer))]
         self.counters["malformed_dropped"] += 1
         return []
@@ -294,9 +380,12 @@ class Element:
     def in_flight(self) -> int:
         """Transactions that still owe the network something: an INVITE not yet
         ACKed, a non-INVITE not yet answered (what a drain waits for)."""
-        return sum(1 for t in self.transactions.values()
-                   if t.state in (State.PROCEEDING, State.TRYING)
-                   or (t.state is State.COMPLETED and isinstance(t, InviteServerTransaction)))
+        return sum(
+            1
+            for t in self.transactions.values()
+            if t.state in (State.PROCEEDING, State.TRYING)
+            or (t.state is State.COMPLETED and isinstance(t, InviteServerTransaction))
+        )
 
     def next_deadline(self) -> float | None:
         return self.timers.next_deadline()
@@ -336,18 +425,13 @@ def response_vias(req: Request, via: Via, peer: Peer) -> list[Header] | None:
     add = ""
     if param_value(via.params, "received") is None:
         add += ";received=" + peer.host
-    for i, h in enumerate(req.headers):
-        if h.key == "via":
-            values = split_commas(h.value)
-            top = values[0]
-            if rport == "":
-                top = _fill_rport(top, peer.port)
-            values[0] = top + add
-            new = Header(h.key, h.name, ", ".join(values), "%s: %s" % (h.name, ", ".join(values)))
-            vias = [new]
-            vias.extend(x for x in req.headers[i + 1 :] if x.key == "via")
-            return vias
-    return None
+    vias = [Header.from_line("via", raw) for raw in req.raw_lines("via")]
+    top = vias[0]
+    values = split_commas(top.value)
+    values[0] = (_fill_rport(values[0], peer.port) if rport == "" else values[0]) + add
+    value = ", ".join(values)
+    vias[0] = Header("via", top.name, value, "%s: %s" % (top.name, value))
+    return vias
 
 
 def _fill_rport(value: str, port: int) -> str:
@@ -356,9 +440,3 @@ def _fill_rport(value: str, port: int) -> str:
     for p in params.split(";"):
         out.append("rport=%d" % port if p.strip().lower() == "rport" else p)
     return head + sep + ";".join(out)
-
-
-def _all(req: Request, key: str) -> list[str]:
-    return [h.value for h in req.headers if h.key == key]
-
-

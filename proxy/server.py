@@ -33,40 +33,57 @@ log = structlog.get_logger("server")
 
 
 class TableWatcher(threading.Thread):
-    """Polls the table's ``data_version`` and loads a new snapshot on change."""
+    """Polls the table's ``data_version`` and loads a new snapshot on change.
 
-    def __init__(self, path: Path, interval: float,
-                 publish: Callable[[Snapshot, str], object]) -> None:
+    ``data_version`` changes when another connection (``pcproxy endpoint``)
+    commits; loading and validating happen on this thread, and ``publish``
+    hands the new snapshot to the loop.  The first snapshot is loaded by
+    ``initial()`` before the listeners open.
+    """
+
+    def __init__(
+        self, path: Path, interval: float, publish: Callable[[Snapshot, str], object]
+    ) -> None:
         super().__init__(name="table-watcher", daemon=True)
         self.path = path
         self.interval = interval
         self.publish = publish
         self.reload_requested = threading.Event()
         self.stopped = threading.Event()
+        self._store: EndpointStore | None = None
+        self._version: int | None = None
+
+    def initial(self) -> Snapshot:
+        self._store = EndpointStore(self.path)
+        self._version = self._store.data_version()
+        return self._store.load_snapshot()
 
     def run(self) -> None:
-        store: EndpointStore | None = None
-        version: int | None = None
         while not self.stopped.is_set():
             forced = self.reload_requested.wait(self.interval)
             self.reload_requested.clear()
             if self.stopped.is_set():
                 break
             try:
-                if store is None:
-                    store = EndpointStore(self.path)
-                current = store.data_version()
-                if forced or current != version:
-                    snapshot = store.load_snapshot()
-                    version = current
+                if self._store is None:
+                    self._store = EndpointStore(self.path)
+                current = self._store.data_version()
+                if forced or current != self._version:
+                    snapshot = self._store.load_snapshot()
+                    self._version = current
                     self.publish(snapshot, "sighup" if forced else "change")
             except Exception as exc:  # the daemon keeps serving the old snapshot
-                log.error("table_load_failed", path=str(self.path), error=str(exc))
-                if store is not None:
-                    store.close()
-                store = None
-        if store is not None:
-            store.close()
+                log.error(
+                    "table_load_failed",
+                    path=str(self.path),
+                    error=str(exc),
+                    kind=type(exc).__name__,
+                )
+                if self._store is not None:
+                    self._store.close()
+                self._store = None
+        if self._store is not None:
+            self._store.close()
 
 
 class Server:
@@ -90,23 +107,34 @@ class Server:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         table = self.settings.table
-        with EndpointStore(table.path) as store:
-            snapshot = store.load_snapshot()
-        log.info("table_loaded", path=str(table.path), endpoints=len(snapshot),
-                 generation=snapshot.generation, why="start")
+        watcher = TableWatcher(
+            table.path,
+            table.poll_interval,
+            lambda snap, why: loop.call_soon_threadsafe(self._swap, snap, why),
+        )
+        snapshot = watcher.initial()
+        log.info(
+            "table_loaded",
+            path=str(table.path),
+            endpoints=len(snapshot),
+            generation=snapshot.generation,
+            why="start",
+        )
         self.element = Element(snapshot, self.element_config)
         sip = self.settings.sip
-        self.transports = Transports(loop, self._on_message, max_message=sip.max_message_size,
-                                     max_connections=sip.max_tcp_connections,
-                                     idle_timeout=sip.tcp_idle_timeout)
+        self.transports = Transports(
+            loop,
+            self._on_message,
+            max_message=sip.max_message_size,
+            max_connections=sip.max_tcp_connections,
+            idle_timeout=sip.tcp_idle_timeout,
+        )
         try:
             await self.transports.listen(self.settings.server.listen)
         except OSError as exc:
             log.error("listen_failed", error=str(exc))
             await self.transports.close()
             return 1
-        watcher = TableWatcher(table.path, table.poll_interval,
-                               lambda snap, why: loop.call_soon_threadsafe(self._swap, snap, why))
         watcher.start()
         loop.add_signal_handler(signal.SIGHUP, watcher.reload_requested.set)
         for sig in (signal.SIGTERM, signal.SIGINT):

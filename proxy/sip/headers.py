@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from proxy.sip.errors import ParseError
-from proxy.sip.uri import SipUri, UriError, scheme_of
+from proxy.sip.errors import ParseError, UriError
+from proxy.sip.uri import check_uri, parse_uri, scheme_of
 
 #: RFC 3261 §7.3.3 plus the registered compact forms that SIP elements meet.
 COMPACT_FORMS = {
@@ -102,7 +102,7 @@ def parse_params(text: str) -> list[tuple[str, str | None]]:
     params: list[tuple[str, str | None]] = []
     if not text:
         return params
-    if "\"" in text:
+    if '"' in text:
         items = _split_params_quoted(text)
     else:
         items = text.split(";")
@@ -166,6 +166,15 @@ def param_value(params: list[tuple[str, str | None]], name: str) -> str | None:
     return None
 
 
+_T = r"[A-Za-z0-9\-.!%*_+`'~]+"
+#: The everyday Via: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK...;rport
+_VIA_FAST = re.compile(
+    r"SIP/2\.0/([A-Za-z]+) ((?:[0-9]{1,3}\.){3}[0-9]{1,3}|(?:[A-Za-z0-9](?:[A-Za-z0-9-]*"
+    r"[A-Za-z0-9])?\.)*[A-Za-z](?:[A-Za-z0-9-]*[A-Za-z0-9])?)(?::([0-9]{1,4}))?"
+    r"((?:;%s(?:=%s)?)*)\Z" % (_T, _T)
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Via:
     """One Via value: ``SIP/2.0/UDP host:port;branch=...`` (RFC 3261 §20.42)."""
@@ -180,6 +189,18 @@ class Via:
 
     @classmethod
     def parse(cls, value: str) -> Via:
+        m = _VIA_FAST.match(value)
+        if m is not None:
+            transport, host, port, paramtext = m.groups()
+            params: list[tuple[str, str | None]] = []
+            for item in paramtext[1:].split(";") if paramtext else ():
+                name, eq, pvalue = item.partition("=")
+                params.append((name.lower(), pvalue if eq else None))
+            return cls(transport.upper(), host, int(port) if port else None, params)
+        return cls._parse_general(value)
+
+    @classmethod
+    def _parse_general(cls, value: str) -> Via:
         proto, sep, rest = value.partition("/")
         version, sep2, rest = rest.partition("/")
         if not sep or not sep2:
@@ -228,7 +249,7 @@ def _parse_sent_by(sentby: str) -> tuple[str, int | None]:
         host = host.strip(_LWS)
         portstr = p.strip(_LWS) if colon else None
     try:
-        SipUri.parse("sip:" + host)
+        parse_uri("sip:" + host)
     except UriError:
         raise ParseError("malformed Via host %r" % host[:80]) from None
     port = None
@@ -239,6 +260,13 @@ def _parse_sent_by(sentby: str) -> tuple[str, int | None]:
         if not 0 < port < 65536:
             raise ParseError("Via port out of range")
     return host, port
+
+
+#: The everyday name-addr: "Display" <sip:user@host>;tag=abc;epid=123
+_NAME_ADDR_FAST = re.compile(
+    r'(?:"((?:[^"\\\r\n]|\\[^\r\n])*)"[ \t]*|(%s(?:[ \t]+%s)*)[ \t]*)?'
+    r'<([^<>"\s]+)>((?:;%s(?:=%s)?)*)\Z' % (_T, _T, _T, _T)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +280,20 @@ class NameAddr:
 
     @classmethod
     def parse(cls, value: str) -> NameAddr:
+        m = _NAME_ADDR_FAST.match(value)
+        if m is not None:
+            quoted, tokens, uri, paramtext = m.groups()
+            _check_uri(uri)
+            params: list[tuple[str, str | None]] = []
+            for item in paramtext[1:].split(";") if paramtext else ():
+                name, eq, pvalue = item.partition("=")
+                params.append((name.lower(), pvalue if eq else None))
+            display = '"%s"' % quoted if quoted is not None else (tokens or None)
+            return cls(display, uri, params, True)
+        return cls._parse_general(value)
+
+    @classmethod
+    def _parse_general(cls, value: str) -> NameAddr:
         value = value.strip(_LWS)
         display: str | None = None
         if value.startswith('"'):
@@ -303,10 +345,10 @@ def _check_uri(uri: str) -> None:
         raise ParseError("malformed URI %r" % uri[:80])
     if scheme in ("sip", "sips"):
         try:
-            SipUri.parse(uri)
+            check_uri(uri)
         except UriError as exc:
             raise ParseError("malformed URI: %s" % exc.reason) from None
-    elif any(c in uri for c in " \t<>\""):
+    elif any(c in uri for c in ' \t<>"'):
         raise ParseError("malformed URI %r" % uri[:80])
 
 

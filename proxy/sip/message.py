@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from proxy.sip.errors import MessageTooLarge, ParseError, SipError, VersionNotSupported
 from proxy.sip.headers import CSeq, NameAddr, Via, header_key, parse_uint, split_commas
@@ -61,11 +62,10 @@ REASONS = {
 }
 
 
-@dataclass(slots=True)
-class Header:
-    """One header field line: ``key`` is the canonical lower-case long name,
-    ``name`` as written, ``value`` unfolded and stripped, ``raw`` the whole
-    line as it arrived (folds included, no final CRLF)."""
+class Header(NamedTuple):
+    """A view of one header field line: ``key`` is the canonical lower-case
+    long name, ``name`` as written, ``value`` unfolded and stripped, ``raw``
+    the whole line as it arrived (folds included, no final CRLF)."""
 
     key: str
     name: str
@@ -76,50 +76,78 @@ class Header:
     def make(cls, name: str, value: str) -> Header:
         return cls(header_key(name), name, value, "%s: %s" % (name, value))
 
+    @classmethod
+    def from_line(cls, key: str, raw: str) -> Header:
+        name, _, value = raw.partition(":")
+        return cls(key, name, line_value(raw), raw)
+
+
+def line_value(raw: str) -> str:
+    """The value of a raw header line, unfolded (§7.3.1) and stripped."""
+    value = raw[raw.index(":") + 1 :]
+    if "\r\n" in value:
+        value = " ".join(filter(None, (p.strip(_LWS) for p in value.split("\r\n"))))
+    return value.strip(_LWS)
+
 
 @dataclass(slots=True)
 class _Base:
-    """Headers and body; ``via``, ``from_addr``, ``to_addr`` and ``cseq`` are
-    the parsed top Via, From, To and CSeq, filled in by ``parse``."""
+    """Header lines and body.
 
-    headers: list[Header] = field(default_factory=list)
+    ``lines`` are the raw header lines and ``keys`` their canonical names,
+    index for index; values are computed on demand (``get``) so a header
+    nobody reads costs nothing.  ``via``, ``from_addr``, ``to_addr`` and
+    ``cseq`` are the parsed top Via, From, To and CSeq, filled in by ``parse``.
+    """
+
+    lines: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
     body: bytes = b""
     via: Via | None = None
     from_addr: NameAddr | None = None
     to_addr: NameAddr | None = None
     cseq: CSeq | None = None
 
+    @property
+    def headers(self) -> list[Header]:
+        return [Header.from_line(k, raw) for k, raw in zip(self.keys, self.lines, strict=True)]
+
+    def add(self, header: Header, index: int | None = None) -> None:
+        if index is None:
+            self.lines.append(header.raw)
+            self.keys.append(header.key)
+        else:
+            self.lines.insert(index, header.raw)
+            self.keys.insert(index, header.key)
+
     def get(self, key: str) -> str | None:
         """Value of the first header with this canonical key."""
-        for h in self.headers:
-            if h.key == key:
-                return h.value
-        return None
+        try:
+            return line_value(self.lines[self.keys.index(key)])
+        except ValueError:
+            return None
 
     def get_all(self, key: str) -> list[str]:
         """Every value of a header, combined lines split (§7.3.1)."""
         out: list[str] = []
-        for h in self.headers:
-            if h.key == key:
-                out.extend(split_commas(h.value))
+        for k, raw in zip(self.keys, self.lines, strict=True):
+            if k == key:
+                out.extend(split_commas(line_value(raw)))
         return out
 
-    def lines(self, key: str) -> list[Header]:
-        return [h for h in self.headers if h.key == key]
+    def raw_lines(self, key: str) -> list[str]:
+        return [raw for k, raw in zip(self.keys, self.lines, strict=True) if k == key]
 
     def top_via(self) -> Via:
-        for h in self.headers:
-            if h.key == "via":
-                return Via.parse(split_commas(h.value)[0] if "," in h.value else h.value)
-        raise ParseError("missing Via")
+        value = self.get("via")
+        if value is None:
+            raise ParseError("missing Via")
+        return Via.parse(split_commas(value)[0] if "," in value else value)
 
     def _serialise(self, start_line: str) -> bytes:
-        parts = [start_line]
-        for h in self.headers:
-            parts.append(h.raw)
-        parts.append("")
-        parts.append("")
-        return "\r\n".join(parts).encode("latin-1") + self.body
+        return ("%s\r\n%s\r\n\r\n" % (start_line, "\r\n".join(self.lines))).encode(
+            "latin-1"
+        ) + self.body
 
 
 @dataclass(slots=True)
@@ -127,6 +155,7 @@ class Request(_Base):
     method: str = ""
     uri: str = ""
     version: str = SIP_VERSION
+    max_forwards: int | None = None
 
     def __bytes__(self) -> bytes:
         return self._serialise("%s %s %s" % (self.method, self.uri, self.version))
@@ -167,21 +196,13 @@ def parse(
     end = text.find("\r\n\r\n", start)
     if end < 0:
         raise ParseError("no end of header section")
-    head = text[start:end].split("\r\n")
+    eol = text.find("\r\n", start)
+    msg = _parse_start_line(text[start:eol])
     body = data[end + 4 :]
-
-    msg = _parse_start_line(head[0])
-    headers = msg.headers
-    if len(head) - 1 > max_headers:
-        # keep what is needed to answer (§8.2.6), then refuse
-        _parse_header_lines(head[1 : max_headers + 1], headers)
-        err: SipError = MessageTooLarge("more than %d header lines" % max_headers)
-        _attach(err, msg)
-        raise err
+    block = text[eol + 2 : end] if eol < end else ""
     try:
-        _parse_header_lines(head[1:], headers)
-        msg.body = _frame_body(msg, body, stream)
-        _validate(msg)
+        _parse_header_block(block, msg, max_headers)
+        _validate(msg, body, stream)
     except SipError as exc:
         _attach(exc, msg)
         raise
@@ -219,61 +240,138 @@ def _parse_start_line(line: str) -> Message:
     return req
 
 
-def _parse_header_lines(lines: list[str], headers: list[Header]) -> None:
+def _parse_header_block(block: str, msg: Message, max_headers: int) -> None:
+    """Split the header section into lines and name each (§7.3); folded
+    lines take the slow path that joins continuations (§7.3.1)."""
+    if not block:
+        return
+    if "\r\n " in block or "\r\n\t" in block or block[0] in " \t":
+        lines = _unfold(block)
+    else:
+        lines = block.split("\r\n")
+    if len(lines) > max_headers:
+        # keep what is needed to answer (§8.2.6), then refuse
+        msg.lines = lines = lines[:max_headers]
+        msg.keys = _keys(lines)
+        raise MessageTooLarge("more than %d header lines" % max_headers)
+    msg.lines = lines
+    msg.keys = _keys(lines)
+
+
+def _keys(lines: list[str]) -> list[str]:
+    key_of = _KEYS.get
+    keys = []
     for line in lines:
-        if line[:1] in (" ", "\t"):
-            if not headers:
-                raise ParseError("continuation line before the first header")
-            prev = headers[-1]
-            prev.raw += "\r\n" + line
-            prev.value = (prev.value + " " + line.strip(_LWS)).strip(_LWS)
-            continue
+        colon = line.find(":")
+        if colon < 0:
+            raise ParseError("header line without ':' %r" % line[:40])
         if len(line) > MAX_LINE:
             raise MessageTooLarge("header line longer than %d" % MAX_LINE)
-        name, colon, value = line.partition(":")
-        if not colon:
-            raise ParseError("header line without ':' %r" % line[:40])
-        headers.append(Header(header_key(name.rstrip(_LWS)), name, value.strip(_LWS), line))
+        name = line[:colon]
+        keys.append(key_of(name) or header_key(name.rstrip(_LWS)))
+    return keys
 
 
-def _frame_body(msg: Message, body: bytes, stream: bool) -> bytes:
+def _unfold(block: str) -> list[str]:
+    """Join continuation lines to their header line, keeping the raw bytes."""
+    out: list[str] = []
+    for line in block.split("\r\n"):
+        if line[:1] in (" ", "\t"):
+            if not out:
+                raise ParseError("continuation line before the first header")
+            out[-1] += "\r\n" + line
+        else:
+            out.append(line)
+    return out
+
+
+#: Header names as usually written, mapped to their keys without validation.
+_KEYS = {
+    name: header_key(name)
+    for name in (
+        "Via",
+        "From",
+        "To",
+        "Call-ID",
+        "CSeq",
+        "Max-Forwards",
+        "Contact",
+        "Content-Length",
+        "Content-Type",
+        "Supported",
+        "Require",
+        "User-Agent",
+        "Route",
+        "Record-Route",
+        "Expires",
+        "Allow",
+        "Event",
+        "Accept",
+        "Session-Expires",
+        "Proxy-Require",
+        "Authorization",
+        "v",
+        "f",
+        "t",
+        "i",
+        "m",
+        "l",
+        "c",
+        "k",
+        "Call-Id",
+        "Cseq",
+        "Max-forwards",
+        "Content-length",
+        "Content-type",
+    )
+}
+
+
+def _frame_body(msg: Message, body: bytes, stream: bool, length: str | None) -> bytes:
     """Apply Content-Length (§18.3, §20.14)."""
-    values = [h.value for h in msg.headers if h.key == "content-length"]
-    if not values:
+    if length is None:
         return b"" if stream else body
-    if len(values) > 1 and len(set(values)) > 1:
-        raise ParseError("conflicting Content-Length headers")
-    length = parse_uint(values[0], "Content-Length", MAX_MESSAGE_SIZE)
-    if len(body) < length:
-        raise ParseError("body shorter than Content-Length (%d < %d)" % (len(body), length))
-    return body[:length] if len(body) > length else body
+    n = parse_uint(length, "Content-Length", MAX_MESSAGE_SIZE)
+    if len(body) < n:
+        raise ParseError("body shorter than Content-Length (%d < %d)" % (len(body), n))
+    return body[:n] if len(body) > n else body
 
 
 _REQUIRED = ("via", "from", "to", "call-id", "cseq")
+_SINGLE = frozenset(("from", "to", "call-id", "cseq", "max-forwards", "content-length"))
 
 
-def _validate(msg: Message) -> None:
-    """Checks every element makes before acting on a message (§8.2, §16.3)."""
-    present = {h.key for h in msg.headers}
-    missing = [k for k in _REQUIRED if k not in present]
+def _validate(msg: Message, body: bytes, stream: bool) -> None:
+    """Checks every element makes before acting on a message (§8.2, §16.3),
+    and the body framing; fills in the parsed fields of ``msg``."""
+    first: dict[str, str] = {}
+    for key, raw in zip(msg.keys, msg.lines, strict=True):
+        if key in first:
+            if key in _SINGLE and (
+                key != "content-length" or line_value(first[key]) != line_value(raw)
+            ):
+                raise ParseError("more than one %s header" % key)
+        else:
+            first[key] = raw
+    missing = [k for k in _REQUIRED if k not in first]
     if missing:
         raise ParseError("missing %s" % ", ".join(missing))
-    for key in ("from", "to", "call-id", "cseq", "max-forwards"):
-        if sum(1 for h in msg.headers if h.key == key) > 1:
-            raise ParseError("more than one %s header" % key)
-    msg.via = msg.top_via()
-    msg.cseq = cseq = CSeq.parse(msg.get("cseq") or "")
-    call_id = msg.get("call-id") or ""
-    if not call_id or any(c in call_id for c in " \t"):
+    cl = first.get("content-length")
+    msg.body = _frame_body(msg, body, stream, line_value(cl) if cl is not None else None)
+    via = line_value(first["via"])
+    msg.via = Via.parse(split_commas(via)[0] if "," in via else via)
+    msg.cseq = cseq = CSeq.parse(line_value(first["cseq"]))
+    call_id = line_value(first["call-id"])
+    if not call_id or " " in call_id or "\t" in call_id:
         raise ParseError("malformed Call-ID")
-    msg.from_addr = NameAddr.parse(msg.get("from") or "")
-    msg.to_addr = NameAddr.parse(msg.get("to") or "")
+    msg.from_addr = NameAddr.parse(line_value(first["from"]))
+    msg.to_addr = NameAddr.parse(line_value(first["to"]))
     if isinstance(msg, Request):
         if cseq.method != msg.method:
             raise ParseError("CSeq method %r does not match %r" % (cseq.method, msg.method))
-        mf = msg.get("max-forwards")
+        mf = first.get("max-forwards")
         if mf is not None:
-            parse_uint(mf, "Max-Forwards", 255)
+            msg.max_forwards = parse_uint(line_value(mf), "Max-Forwards", 255)
 
 
 def make_response(
@@ -293,25 +391,39 @@ def make_response(
     replaces the request's Via lines (the transport layer's ``received`` and
     ``rport``, §18.2.1, RFC 3581 §4).
     """
-    headers = list(via) if via is not None else [h for h in request.headers if h.key == "via"]
-    for h in request.headers:
-        key = h.key
-        if key == "to":
-            if to_tag is not None and status != 100 and not _has_tag(h.value):
-                tagged = ";tag=" + to_tag
-                h = Header(key, h.name, h.value + tagged, h.raw + tagged)
-            headers.append(h)
-        elif key in ("from", "call-id", "cseq") or (key == "timestamp" and status == 100):
-            headers.append(h)  # timestamp: §8.2.6.1
-    if extra:
-        headers.extend(extra)
-    headers.append(Header("content-length", "Content-Length", str(len(body)),
-                          "Content-Length: %d" % len(body)))
-    return Response(headers=headers, body=body, status=status,
-                    reason=reason or REASONS.get(status, "Unknown"))
+    lines: list[str] = []
+    keys: list[str] = []
+    if via is not None:
+        lines += [h.raw for h in via]
+        keys += ["via"] * len(via)
+    for key, raw in zip(request.keys, request.lines, strict=True):
+        if key in _COPIED or (key == "timestamp" and status == 100):  # §8.2.6.1
+            if key == "to" and to_tag is not None and status != 100 and not _has_tag(request, raw):
+                raw += ";tag=" + to_tag
+            elif key == "via" and via is not None:
+                continue
+            lines.append(raw)
+            keys.append(key)
+    for h in extra or ():
+        lines.append(h.raw)
+        keys.append(h.key)
+    lines.append("Content-Length: %d" % len(body))
+    keys.append("content-length")
+    return Response(
+        lines=lines,
+        keys=keys,
+        body=body,
+        status=status,
+        reason=reason or REASONS.get(status, "Unknown"),
+    )
 
 
-def _has_tag(value: str) -> bool:
+_COPIED = frozenset(("via", "from", "to", "call-id", "cseq"))
+
+
+def _has_tag(request: Request, value: str) -> bool:
+    if request.to_addr is not None:
+        return request.to_addr.tag is not None
     if "tag" not in value.lower():
         return False
     try:

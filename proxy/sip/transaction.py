@@ -28,6 +28,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from proxy.sip.errors import SipError
 from proxy.sip.peer import Peer, Send
@@ -108,7 +109,9 @@ class Terminated:
 
 
 Action = Send | StartTimer | StopTimer | Terminated
-Handler = Callable[["ServerTransaction", Event], list[Action]]
+#: A transition: (machine, event) -> actions; the machine is typed loosely
+#: because subclasses add their own handlers to the table.
+Handler = Callable[[Any, Event], list[Action]]
 
 
 class ServerTransaction:
@@ -119,8 +122,9 @@ class ServerTransaction:
     TRANSITIONS: dict[tuple[State, type], Handler] = {}
     INITIAL = State.TRYING
 
-    def __init__(self, key: tuple[str, ...], peer: Peer, timers: Timers,
-                 to_tag: str | None = None) -> None:
+    def __init__(
+        self, key: tuple[str, ...], peer: Peer, timers: Timers, to_tag: str | None = None
+    ) -> None:
         self.key = key
         self.peer = peer
         self.timers = timers
@@ -235,8 +239,9 @@ class NonInviteServerTransaction(ServerTransaction):
     }
 
 
-def transaction_key(method: str, branch: str | None, sent_by: str,
-                    fallback: tuple[str, ...]) -> tuple[str, ...]:
+def transaction_key(
+    method: str, branch: str | None, sent_by: str, fallback: tuple[str, ...]
+) -> tuple[str, ...]:
     """The server transaction a request belongs to (RFC 3261 §17.2.3).
 
     With an RFC 3261 branch (magic cookie) the key is branch, sent-by and

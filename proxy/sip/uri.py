@@ -125,6 +125,51 @@ class SipUri:
         return "".join(out)
 
 
+_uri_cache: dict[str, SipUri] = {}
+
+
+def parse_uri(text: str) -> SipUri:
+    """``SipUri.parse`` through a bounded cache: the URIs a server sees repeat
+    (the well-known chat URI above all) and a ``SipUri`` is immutable."""
+    uri = _uri_cache.get(text)
+    if uri is None:
+        uri = SipUri.parse(text)
+        if len(_uri_cache) >= 4096:
+            _uri_cache.clear()
+        _uri_cache[text] = uri
+    return uri
+
+
+_U = r"(?:[A-Za-z0-9\-_.!~*'()&=+$,;?/]|%[0-9A-Fa-f]{2})++"
+_P = r"(?:[A-Za-z0-9\-_.!~*'()&=+$,]|%[0-9A-Fa-f]{2})*+"
+_H = (
+    r"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.?)"
+)
+_PC = r"(?:[A-Za-z0-9\-_.!~*'()\[\]/:&+$]|%[0-9A-Fa-f]{2})++"
+_HC = r"(?:[A-Za-z0-9\-_.!~*'()\[\]/?:+$=]|%[0-9A-Fa-f]{2})*+"
+_SIP_URI_SHAPE = re.compile(
+    r"[Ss][Ii][Pp][Ss]?:(?:%s(?::%s)?@)?%s(?::[0-9]{1,5})?(?:;%s(?:=%s)?)*+(?:\?%s(?:&%s)*+)?\Z"
+    % (_U, _P, _H, _PC, _PC, _HC, _HC)
+)
+
+
+def check_uri(text: str) -> None:
+    """Validate a SIP or SIPS URI without building it (RFC 3261 §25.1).
+
+    The grammar is one regular expression with possessive quantifiers, so it
+    runs in time linear in the URI; what it cannot judge (an IPv6 reference,
+    an IPv4 octet or port range) goes through ``SipUri.parse``.
+    """
+    if text in _uri_cache:
+        return
+    if len(text) > MAX_URI_LENGTH or not _SIP_URI_SHAPE.match(text):
+        SipUri.parse(text)  # raises with the precise reason
+        raise UriError("malformed URI %r" % text[:80])
+    if "[" in text or ":" in text[4:] or text[4:5].isdigit():
+        SipUri.parse(text)
+
+
 def _split_hostport(hostport: str) -> tuple[str, int | None]:
     """Split ``host[:port]`` and validate both (RFC 3261 §25.1 hostport)."""
     if hostport.startswith("["):
@@ -212,12 +257,15 @@ def normalise_fqdn(text: str, what: str = "name") -> str:
         raise UriError("%s must be 1 to 253 characters" % what)
     labels = name.split(".")
     if len(labels) < 2:
-        raise UriError("%s %r is not fully qualified (expected e.g. pcpool.contoso.com)"
-                       % (what, text))
+        raise UriError(
+            "%s %r is not fully qualified (expected e.g. pcpool.contoso.com)" % (what, text)
+        )
     for label in labels:
         if not _FQDN_LABEL.match(label):
-            raise UriError("%s %r has an invalid label %r (letters, digits and inner "
-                           "hyphens, 1-63 characters)" % (what, text, label))
+            raise UriError(
+                "%s %r has an invalid label %r (letters, digits and inner "
+                "hyphens, 1-63 characters)" % (what, text, label)
+            )
     if labels[-1].isdigit():
         raise UriError("%s %r is an address, not a domain name" % (what, text))
     return name

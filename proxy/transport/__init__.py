@@ -34,8 +34,7 @@ class UdpListener(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's UDPTransport
         sock = transport.get_extra_info("socket")
         if sock is not None:
             for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
@@ -65,20 +64,18 @@ class StreamConnection(asyncio.Protocol):
         self.last_active = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername") or ("", 0)
         self.host, self.port = peer[0], peer[1]
         if not self.owner.register(self):
-            transport.abort()
+            transport.close()
 
     def data_received(self, data: bytes) -> None:
         self.last_active = self.owner.loop.time()
         try:
             events = self.framer.feed(data)
         except SipError as exc:
-            log.info("stream_unframeable", peer="%s:%d" % (self.host, self.port),
-                     reason=exc.reason)
+            log.info("stream_unframeable", peer="%s:%d" % (self.host, self.port), reason=exc.reason)
             self.owner.counters_dropped += 1
             assert self.transport is not None
             self.transport.close()
@@ -98,9 +95,15 @@ class StreamConnection(asyncio.Protocol):
 class Transports:
     """Owns every listening socket and stream connection."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, deliver: Deliver, *,
-                 max_message: int = 65535, max_connections: int = 4096,
-                 idle_timeout: float = 600.0) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        deliver: Deliver,
+        *,
+        max_message: int = 65535,
+        max_connections: int = 4096,
+        idle_timeout: float = 600.0,
+    ) -> None:
         self.loop = loop
         self.deliver = deliver
         self.max_message = max_message
@@ -123,14 +126,20 @@ class Transports:
                     index = len(self.udp)
                     transport, proto = await self.loop.create_datagram_endpoint(
                         lambda index=index: UdpListener(index, self.deliver),  # type: ignore[misc]
-                        local_addr=(spec.host, spec.port), reuse_port=False)
+                        local_addr=(spec.host, spec.port),
+                        reuse_port=False,
+                    )
                     self.udp.append(proto)
                     port = transport.get_extra_info("sockname")[1]
                 elif spec.transport == "tcp":
                     listener = len(self.servers)
                     server = await self.loop.create_server(
                         lambda listener=listener: StreamConnection(self, listener),  # type: ignore[misc]
-                        host=spec.host, port=spec.port, reuse_address=True, backlog=1024)
+                        host=spec.host,
+                        port=spec.port,
+                        reuse_address=True,
+                        backlog=1024,
+                    )
                     self.servers.append(server)
                     port = server.sockets[0].getsockname()[1]
                 else:
@@ -144,8 +153,11 @@ class Transports:
 
     def register(self, conn: StreamConnection) -> bool:
         if len(self.connections) >= self.max_connections:
-            log.warning("connection_refused", reason="max_tcp_connections reached",
-                        peer="%s:%d" % (conn.host, conn.port))
+            log.warning(
+                "connection_refused",
+                reason="max_tcp_connections reached",
+                peer="%s:%d" % (conn.host, conn.port),
+            )
             return False
         self._next_conn += 1
         conn.conn_id = self._next_conn

@@ -1,0 +1,465 @@
+"""The ``pcproxy`` command line.
+
+``pcproxy endpoint`` manages the endpoint table the way Lync's
+``*-CsPersistentChatEndpoint`` cmdlets do; the validation and SQL live in
+``proxy.store``, this module only parses options and prints.  Every user error
+leaves as one line on stderr, ``pcproxy: error: <field> '<value>' <problem>``:
+exit status 2 for bad input, 1 when the table refuses (unknown identity,
+duplicate SIP address, database locked or unusable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import click
+from click.exceptions import NoArgsIsHelpError
+from tabulate import tabulate
+
+from proxy import __version__
+from proxy.config import ConfigError, ListenAddress, load_settings
+from proxy.log import configure as configure_logging
+from proxy.server import serve
+from proxy.sip.errors import UriError
+from proxy.store import (
+    UNSET,
+    Endpoint,
+    EndpointStore,
+    InvalidValue,
+    StoreError,
+    parse_mode,
+    parse_port,
+    parse_transport,
+    read_csv,
+    write_csv,
+)
+
+EXIT_REFUSED = 1
+EXIT_BAD_INPUT = 2
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_TABLE_HEADERS = (
+    "SipAddress",
+    "PoolFqdn",
+    "DisplayName",
+    "Mode",
+    "PoolPort",
+    "PoolTransport",
+    "Updated",
+)
+
+
+class _Failure(click.ClickException):
+    """A user error, shown as one line without usage text or traceback."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo("pcproxy: error: %s" % self.format_message(), file=file, err=True)
+
+
+class _BadInput(_Failure):
+    exit_code = EXIT_BAD_INPUT
+
+
+class _Refused(_Failure):
+    exit_code = EXIT_REFUSED
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Map every user error to ``_BadInput`` (exit 2) or ``_Refused`` (exit 1)."""
+    try:
+        yield
+    except (_Failure, NoArgsIsHelpError):
+        raise
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx is not None else "pcproxy"
+        message = exc.format_message().rstrip(".")
+        raise _BadInput("%s (see '%s --help')" % (message, command)) from None
+    except (InvalidValue, UriError) as exc:
+        raise _BadInput(str(exc)) from None
+    except ConfigError as exc:
+        raise _BadInput("--config %s" % exc) from None
+    except StoreError as exc:
+        raise _Refused(str(exc)) from None
+    except sqlite3.Error as exc:
+        raise _Refused("database: %s" % exc) from None
+    except click.ClickException as exc:
+        raise _Refused(exc.format_message()) from None
+
+
+class _Cli(click.Group):
+    """The top-level group: parse and command errors alike become one line."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        with _one_line_errors():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_errors():
+            return super().invoke(ctx)
+
+
+def config_option(command: F) -> F:
+    """``--config FILE``: the daemon's TOML settings (``proxy.config``)."""
+    return click.option(
+        "--config",
+        type=click.Path(dir_okay=False, path_type=Path),
+        metavar="FILE",
+        help="TOML settings file (default: none, built-in settings).",
+    )(command)
+
+
+def db_option(command: F) -> F:
+    """``--db FILE`` (or ``$PCPROXY_DB``): overrides ``[table] path``."""
+    return click.option(
+        "--db",
+        type=click.Path(dir_okay=False, path_type=Path),
+        metavar="FILE",
+        envvar="PCPROXY_DB",
+        show_envvar=True,
+        help="SQLite endpoint table (default: [table] path from --config, else ./pcproxy.db).",
+    )(command)
+
+
+def table_options(command: F) -> F:
+    """``--config`` and ``--db``, taken by every verb that opens the endpoint table."""
+    return config_option(db_option(command))
+
+
+def _open_store(config: Path | None, db: Path | None) -> EndpointStore:
+    settings = load_settings(config)
+    return EndpointStore(db if db is not None else settings.table.path)
+
+
+def _table(endpoints: Sequence[Endpoint]) -> str:
+    rows = [
+        (
+            e.sip_address,
+            e.pool_fqdn,
+            e.display_name or "",
+            e.mode or "inherit",
+            "" if e.pool_port is None else str(e.pool_port),
+            e.pool_transport or "",
+            e.updated_at,
+        )
+        for e in endpoints
+    ]
+    return tabulate(rows, headers=_TABLE_HEADERS, disable_numparse=True)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pcproxy")
+def main() -> None:
+    """pcproxy: legacy Group Chat SIP URIs served by a Persistent Chat pool.
+
+    Clients of OCS 2007 R2 / Lync 2010 Group Chat keep calling one well-known
+    URI such as sip:ocschat@contoso.com.  pcproxy plays the part of Lync's
+    Persistent Chat endpoint: an endpoint table maps each legacy URI to a pool
+    FQDN, and the SIP service redirects or proxies requests there.
+    """
+
+
+@main.command("serve")
+@click.option(
+    "--listen",
+    "listen",
+    multiple=True,
+    metavar="TRANSPORT:HOST:PORT",
+    help="Listen on udp:HOST:PORT or tcp:HOST:PORT (repeatable; replaces [server] listen). "
+    "IPv6 hosts in brackets: udp:[::1]:5060. Port 0 picks a free port.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["redirect", "proxy"]),
+    help="Default for endpoints that do not set a mode (replaces [server] mode).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="JSON log lines on stdout at this level (replaces [log] level).",
+)
+@table_options
+def serve_command(
+    listen: tuple[str, ...],
+    mode: str | None,
+    log_level: str | None,
+    config: Path | None,
+    db: Path | None,
+) -> None:
+    """Run the SIP service in the foreground until SIGTERM or SIGINT.
+
+    \b
+    SIGHUP reloads the endpoint table; changes made with 'pcproxy endpoint'
+    are picked up within [table] poll_interval anyway.  SIGTERM/SIGINT drain
+    (new requests get 503, in-flight transactions finish) and exit 0.
+    """
+    settings = load_settings(config)
+    overrides: dict[str, object] = {}
+    if listen:
+        try:
+            overrides["listen"] = [ListenAddress.parse(text) for text in listen]
+        except ValueError as exc:
+            raise _BadInput("--listen %s" % exc) from None
+    if mode is not None:
+        overrides["mode"] = mode
+    server = settings.server.model_copy(update=overrides)
+    table = settings.table.model_copy(update={"path": db}) if db is not None else settings.table
+    logs = settings.log.model_copy(update={"level": log_level}) if log_level else settings.log
+    settings = settings.model_copy(update={"server": server, "table": table, "log": logs})
+    EndpointStore(settings.table.path).close()  # fails here, with one line, if unusable
+    configure_logging(settings.log.level)
+    code = serve(settings)
+    if code:
+        raise SystemExit(code)
+
+
+@main.group()
+def endpoint() -> None:
+    """Manage the endpoint table (the *-CsPersistentChatEndpoint cmdlets).
+
+    An IDENTITY is a SIP address (sip:ocschat@contoso.com, case-insensitive) or
+    a display name (exact, case-insensitive).  Changes reach a running daemon
+    within its poll interval; no restart is needed.
+
+    \b
+    Exit status: 0 done; 1 the table refused (unknown identity, duplicate SIP
+    address, database locked or unusable); 2 bad input (malformed value,
+    ambiguous identity, bad CSV file, bad option).
+    """
+
+
+@endpoint.command("new")
+@click.option(
+    "--sip-address",
+    required=True,
+    metavar="sip:USER@DOMAIN",
+    help="The legacy URI clients call; unique regardless of case.",
+)
+@click.option(
+    "--pool-fqdn",
+    required=True,
+    metavar="FQDN",
+    help="Persistent Chat pool to send requests to, e.g. pcpool.contoso.com.",
+)
+@click.option("--display-name", metavar="TEXT", help="Name shown in listings.")
+@click.option(
+    "--mode",
+    metavar="redirect|proxy",
+    help="How to send requests to the pool (default: inherit [server] mode).",
+)
+@click.option("--pool-port", metavar="N", help="Pool SIP port 1-65535 (default: from DNS).")
+@click.option(
+    "--pool-transport",
+    metavar="udp|tcp|tls",
+    help="Pool transport (default: RFC 3263 selection).",
+)
+@table_options
+def new_endpoint(
+    sip_address: str,
+    pool_fqdn: str,
+    display_name: str | None,
+    mode: str | None,
+    pool_port: str | None,
+    pool_transport: str | None,
+    config: Path | None,
+    db: Path | None,
+) -> None:
+    """Create an endpoint, like New-CsPersistentChatEndpoint.
+
+    \b
+    Lync:    New-CsPersistentChatEndpoint -SipAddress sip:ocschat@contoso.com
+                 -PersistentChatPoolFqdn pcpool.contoso.com
+    pcproxy: pcproxy endpoint new --sip-address sip:ocschat@contoso.com
+                 --pool-fqdn pcpool.contoso.com
+    """
+    mode_value = parse_mode(mode or "", "--mode")
+    port_value = parse_port(pool_port or "", "--pool-port")
+    transport_value = parse_transport(pool_transport or "", "--pool-transport")
+    with _open_store(config, db) as store:
+        created = store.new(
+            sip_address,
+            pool_fqdn,
+            display_name=display_name,
+            mode=mode_value,
+            pool_port=port_value,
+            pool_transport=transport_value,
+        )
+    click.echo(_table([created]))
+
+
+@endpoint.command("get")
+@click.argument("identity", required=False)
+@click.option(
+    "--filter",
+    "pattern",
+    metavar="PATTERN",
+    help="Wildcards (* and ?) matched against SIP address and display name, e.g. '*contoso*'.",
+)
+@click.option("--pool-fqdn", metavar="FQDN", help="Only endpoints homed on this pool.")
+@click.option("--result-size", type=int, metavar="N", help="Show at most N endpoints.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
+@table_options
+def get_endpoints(
+    identity: str | None,
+    pattern: str | None,
+    pool_fqdn: str | None,
+    result_size: int | None,
+    as_json: bool,
+    config: Path | None,
+    db: Path | None,
+) -> None:
+    """List endpoints, like Get-CsPersistentChatEndpoint.
+
+    With no IDENTITY, lists all (ordered by SIP address).  An IDENTITY that
+    matches nothing is an error (exit 1).  --filter, --pool-fqdn and
+    --result-size mirror -Filter, -PersistentChatPoolFqdn and -ResultSize.
+    """
+    with _open_store(config, db) as store:
+        found = store.get(identity, filter=pattern, pool_fqdn=pool_fqdn, result_size=result_size)
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(e) for e in found], indent=2))
+    elif found:
+        click.echo(_table(found))
+    else:
+        click.echo("no endpoints", err=True)
+
+
+@endpoint.command("set")
+@click.argument("identity")
+@click.option("--pool-fqdn", metavar="FQDN", help="Move the endpoint to this pool.")
+@click.option("--display-name", metavar="TEXT", help="New display name; '' removes it.")
+@click.option(
+    "--mode",
+    metavar="redirect|proxy|inherit",
+    help="'inherit' goes back to the daemon's [server] mode.",
+)
+@click.option("--pool-port", metavar="N|none", help="'none' goes back to the DNS choice.")
+@click.option(
+    "--pool-transport",
+    metavar="udp|tcp|tls|none",
+    help="'none' goes back to RFC 3263 selection.",
+)
+@table_options
+def set_endpoint(
+    identity: str,
+    pool_fqdn: str | None,
+    display_name: str | None,
+    mode: str | None,
+    pool_port: str | None,
+    pool_transport: str | None,
+    config: Path | None,
+    db: Path | None,
+) -> None:
+    """Change some fields of one endpoint; the others keep their values.
+
+    Lync has no Set cmdlet (there: Remove- then New-CsPersistentChatEndpoint);
+    this keeps the endpoint's creation time and stamps Updated.  Give at least
+    one option.
+
+    \b
+    To clear a field, give it the word for "not set":
+      --mode inherit          use the daemon's [server] mode again
+      --pool-port none        take the port from DNS (RFC 3263)
+      --pool-transport none   let RFC 3263 choose the transport
+      --display-name ''       no display name
+    """
+    with _open_store(config, db) as store:
+        changed = store.set(
+            identity,
+            pool_fqdn=UNSET if pool_fqdn is None else pool_fqdn,
+            display_name=UNSET if display_name is None else display_name,
+            mode=UNSET if mode is None else parse_mode(mode, "--mode"),
+            pool_port=UNSET if pool_port is None else parse_port(pool_port, "--pool-port"),
+            pool_transport=(
+                UNSET
+                if pool_transport is None
+                else parse_transport(pool_transport, "--pool-transport")
+            ),
+        )
+    click.echo(_table([changed]))
+
+
+@endpoint.command("remove")
+@click.argument("identity", required=False)
+@click.option("--pool-fqdn", metavar="FQDN", help="Remove every endpoint homed on this pool.")
+@table_options
+def remove_endpoints(
+    identity: str | None, pool_fqdn: str | None, config: Path | None, db: Path | None
+) -> None:
+    """Remove one endpoint, or all of a pool's, like Remove-CsPersistentChatEndpoint.
+
+    \b
+    Lync:    Remove-CsPersistentChatEndpoint -Identity sip:ocschat@contoso.com
+    pcproxy: pcproxy endpoint remove sip:ocschat@contoso.com
+    Lync:    Get-CsPersistentChatEndpoint -PersistentChatPoolFqdn pcpool.contoso.com
+                 | Remove-CsPersistentChatEndpoint
+    pcproxy: pcproxy endpoint remove --pool-fqdn pcpool.contoso.com
+
+    Give IDENTITY or --pool-fqdn, not both.
+    """
+    if (identity is None) == (pool_fqdn is None):
+        raise click.UsageError("give IDENTITY or --pool-fqdn (exactly one)")
+    with _open_store(config, db) as store:
+        removed = [store.remove(identity)] if identity is not None else []
+        if pool_fqdn is not None:
+            removed = store.remove_pool(pool_fqdn)
+    for e in removed:
+        click.echo("removed %s (pool %s)" % (e.sip_address, e.pool_fqdn))
+
+
+@endpoint.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Make FILE the whole table (endpoints not in FILE are removed).",
+)
+@table_options
+def import_endpoints(file: str, replace: bool, config: Path | None, db: Path | None) -> None:
+    """Add the endpoints in a CSV FILE ('-' for stdin), all or none.
+
+    Reads pcproxy's own export or the output of
+    'Get-CsPersistentChatEndpoint | Export-Csv endpoints.csv' (UTF-8 or
+    UTF-16 with BOM; the #TYPE line, Identity and other columns are ignored).
+    Any bad row, or a SIP address already in the table or twice in FILE,
+    imports nothing and names the line and column.
+    """
+    name = "<stdin>" if file == "-" else file
+    try:
+        with click.open_file(file, "rb") as stream:
+            data = stream.read()
+    except OSError as exc:
+        raise _BadInput("FILE %r cannot be read: %s" % (name, exc.strerror)) from None
+    rows = read_csv(data, name=name)
+    with _open_store(config, db) as store:
+        count = store.import_rows(rows, replace=replace)
+    click.echo("imported %d endpoint(s)%s" % (count, " (table replaced)" if replace else ""))
+
+
+@endpoint.command("export")
+@table_options
+def export_endpoints(config: Path | None, db: Path | None) -> None:
+    """Write the table as CSV to stdout; 'pcproxy endpoint import' reads it back.
+
+    Columns: SipAddress, PersistentChatPoolFqdn, DisplayName, Mode, PoolPort,
+    PoolTransport (an empty cell means not set).
+    """
+    with _open_store(config, db) as store:
+        rows = store.export_rows()
+    out = io.StringIO()
+    write_csv(rows, out)
+    click.echo(out.getvalue(), nl=False)
