@@ -1,0 +1,258 @@
+"""Integration fixtures: the real daemon and real peers on loopback.
+
+The daemon runs as ``pcproxy serve`` in a subprocess on ports chosen at run
+time; SIPp (Debian ``sip-tester``) plays the legacy client.  Only processes
+started here are stopped, by their PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from xml.sax.saxutils import escape as xml_escape
+
+import pytest
+
+SCENARIOS = Path(__file__).parent / "scenarios"
+PCPROXY = [sys.executable, "-m", "proxy"]
+SIPP = shutil.which("sipp")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free for both UDP and TCP on ``host``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(50):
+        with socket.socket(family, socket.SOCK_STREAM) as tcp:
+            tcp.bind((host, 0))
+            port = tcp.getsockname()[1]
+            with socket.socket(family, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind((host, port))
+                except OSError:
+                    continue
+            return int(port)
+    raise RuntimeError("no free port")
+
+
+def cli(*args: str, db: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``pcproxy ARGS --db DB`` the way an operator does."""
+    return subprocess.run(
+        [*PCPROXY, *args, "--db", str(db)], capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[str]
+    port: int
+    host: str
+    db: Path
+    events: list[dict[str, object]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def wait_for(
+        self, event: str, timeout: float = 5.0, since: int = 0, **match: object
+    ) -> dict[str, object]:
+        """The first log event named ``event`` (after index ``since``) with ``match``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                for ev in self.events[since:]:
+                    if ev.get("event") == event and all(ev.get(k) == v for k, v in match.items()):
+                        return ev
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise AssertionError(
+            "no %r event %r within %.1fs; log: %s" % (event, match, timeout, self.events[-10:])
+        )
+
+    def mark(self) -> int:
+        with self.lock:
+            return len(self.events)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+            raise
+
+
+def _read_log(daemon: Daemon) -> None:
+    assert daemon.proc.stdout is not None
+    for line in daemon.proc.stdout:
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            ev = {"event": "unparsed", "line": line.rstrip()}
+        with daemon.lock:
+            daemon.events.append(ev)
+
+
+def start_daemon(db: Path, host: str = "127.0.0.1", *extra: str) -> Daemon:
+    port = free_port(host)
+    bracket = "[%s]" % host if ":" in host else host
+    proc = subprocess.Popen(
+        [
+            *PCPROXY,
+            "serve",
+            "--db",
+            str(db),
+            "--listen",
+            "udp:%s:%d" % (bracket, port),
+            "--listen",
+            "tcp:%s:%d" % (bracket, port),
+            "--log-level",
+            "info",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    daemon = Daemon(proc, port, host, db)
+    threading.Thread(target=_read_log, args=(daemon,), daemon=True).start()
+    try:
+        daemon.wait_for("ready", timeout=15)
+    except AssertionError:
+        daemon.stop(signal.SIGKILL)
+        raise
+    return daemon
+
+
+@pytest.fixture
+def table(tmp_path: Path) -> Path:
+    """An endpoint table as an operator would set one up."""
+    db = tmp_path / "pcproxy.db"
+    for args in (
+        ("--sip-address", "sip:ocschat@contoso.com", "--pool-fqdn", "pcpool.contoso.com"),
+        (
+            "--sip-address",
+            "sip:GroupChat@Fabrikam.com",
+            "--pool-fqdn",
+            "pcpool.fabrikam.com",
+            "--pool-port",
+            "5041",
+            "--pool-transport",
+            "tls",
+            "--display-name",
+            "Fabrikam chat",
+        ),
+    ):
+        done = cli("endpoint", "new", *args, db=db)
+        assert done.returncode == 0, done.stderr
+    return db
+
+
+@pytest.fixture
+def daemon(table: Path) -> Iterator[Daemon]:
+    d = start_daemon(table)
+    yield d
+    if d.proc.poll() is None:
+        d.stop()
+
+
+@dataclass
+class SippResult:
+    returncode: int
+    stdout: str
+    errors: str
+
+
+def sipp(
+    scenario: str,
+    daemon: Daemon,
+    transport: str = "udp",
+    *,
+    service: str = "ocschat",
+    domain: str = "contoso.com",
+    calls: int = 1,
+    keys: dict[str, str] | None = None,
+    timeout: float = 20.0,
+    tmp: Path | None = None,
+    method: str | None = None,
+    expect: dict[str, str] | None = None,
+) -> SippResult:
+    """Run one bounded SIPp UAC scenario against the daemon; rc 0 = all calls passed.
+
+    ``keys`` go to SIPp (``-key``) for the message text.  SIPp takes no
+    keyword for the method nor in XML attributes, so ``method`` and
+    ``expect`` (``[status]``, ``[hdr]``, ``[hdr_re]``, ``[contact]``) are
+    written into a copy of the scenario.
+    """
+    if SIPP is None:
+        pytest.fail("sipp is not installed: run scripts/test (apt-get install sip-tester)")
+    workdir = Path(tmp or Path(os.environ.get("TMPDIR", "/tmp")))
+    path = SCENARIOS / scenario
+    subst = {"method": method} if method is not None else {}
+    subst.update({k: xml_escape(v, {'"': "&quot;"}) for k, v in (expect or {}).items()})
+    if subst:
+        text = path.read_text()
+        for name, value in subst.items():
+            text = text.replace("[%s]" % name, value)
+        path = workdir / ("%d-%s" % (len(list(workdir.iterdir())), scenario))
+        path.write_text(text)
+    host = daemon.host
+    target = "[%s]:%d" % (host, daemon.port) if ":" in host else "%s:%d" % (host, daemon.port)
+    cmd = [
+        SIPP,
+        target,
+        "-sf",
+        str(path),
+        "-s",
+        service,
+        "-key",
+        "domain",
+        domain,
+        "-i",
+        host,
+        "-p",
+        "0",
+        "-m",
+        str(calls),
+        "-r",
+        "50",
+        "-t",
+        "u1" if transport == "udp" else "t1",
+        "-timeout",
+        "%ds" % int(timeout),
+        "-timeout_error",
+        "-recv_timeout",
+        "5000",
+        "-nostdin",
+        "-trace_err",
+        "-error_file",
+        str(workdir / ("sipp-%s.err" % os.getpid())),
+        "-mp",
+        str(free_port(host)),
+    ]
+    for k, v in (keys or {}).items():
+        cmd += ["-key", k, v]
+    done = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout + 10,
+        stdin=subprocess.DEVNULL,
+        cwd=workdir,
+        check=False,
+    )
+    err_file = workdir / ("sipp-%s.err" % os.getpid())
+    errors = err_file.read_text(errors="replace") if err_file.exists() else ""
+    err_file.unlink(missing_ok=True)
+    return SippResult(done.returncode, done.stdout[-3000:], errors[-3000:])
