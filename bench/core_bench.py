@@ -52,8 +52,17 @@ TAG = re.compile(rb"\r\nTo: [^\r]*;tag=([^;\r]+)")
 
 
 def run(calls: int) -> tuple[float, float]:
-    ep = Endpoint("sip:ocschat@contoso.com", "ocschat@contoso.com", "pcpool.contoso.com",
-                  None, None, None, "tcp", "", "")
+    ep = Endpoint(
+        "sip:ocschat@contoso.com",
+        "ocschat@contoso.com",
+        "pcpool.contoso.com",
+        None,
+        None,
+        None,
+        "tcp",
+        "",
+        "",
+    )
     element = Element(Snapshot({ep.key: ep}, 1))
     peer = Peer("udp", "127.0.0.1", 5061)
     invites = [INVITE.format(n=n, length=len(BODY), body=BODY).encode() for n in range(calls)]
@@ -79,8 +88,16 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     a = ap.parse_args()
     best = min((run(a.calls) for _ in range(a.repeat)), key=sum)
-    print(json.dumps({"calls": a.calls, "us_per_call": round(sum(best), 2),
-                      "us_invite_302": round(best[0], 2), "us_ack": round(best[1], 2)}))
+    print(
+        json.dumps(
+            {
+                "calls": a.calls,
+                "us_per_call": round(sum(best), 2),
+                "us_invite_302": round(best[0], 2),
+                "us_ack": round(best[1], 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

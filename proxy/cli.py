@@ -21,10 +21,11 @@ from typing import IO, Any, TypeVar
 
 import click
 from click.exceptions import NoArgsIsHelpError
+from pydantic import ValidationError
 from tabulate import tabulate
 
 from proxy import __version__
-from proxy.config import ConfigError, ListenAddress, load_settings
+from proxy.config import ConfigError, ListenAddress, describe, load_settings
 from proxy.log import configure as configure_logging
 from proxy.server import serve
 from proxy.sip.errors import UriError
@@ -40,6 +41,7 @@ from proxy.store import (
     read_csv,
     write_csv,
 )
+from proxy.transport.ping import ping, split_hostport
 
 EXIT_REFUSED = 1
 EXIT_BAD_INPUT = 2
@@ -212,6 +214,8 @@ def serve_command(
     if listen:
         try:
             overrides["listen"] = [ListenAddress.parse(text) for text in listen]
+        except ValidationError as exc:
+            raise _BadInput("--listen %s" % describe(exc)) from None
         except ValueError as exc:
             raise _BadInput("--listen %s" % exc) from None
     if mode is not None:
@@ -225,6 +229,31 @@ def serve_command(
     code = serve(settings)
     if code:
         raise SystemExit(code)
+
+
+@main.command("ping")
+@click.argument("target", metavar="HOST:PORT")
+@click.option("--transport", type=click.Choice(["udp", "tcp"]), default="udp", show_default=True)
+@click.option("--timeout", type=float, default=2.0, show_default=True, metavar="SECONDS")
+def ping_command(target: str, transport: str, timeout: float) -> None:
+    """Send OPTIONS to a running pcproxy; exit 0 if it answers 200.
+
+    The container HEALTHCHECK uses it.  Any other answer, or none within
+    --timeout, exits 1 with one line saying what happened.
+    """
+    try:
+        host, port = split_hostport(target)
+    except ValueError as exc:
+        raise _BadInput("HOST:PORT %s" % exc) from None
+    try:
+        result = ping(host, port, transport, timeout)
+    except TimeoutError:
+        raise _Refused("%s: no answer within %gs" % (target, timeout)) from None
+    except OSError as exc:
+        raise _Refused("%s: %s" % (target, exc.strerror or exc)) from None
+    click.echo("%s: %d %s in %.1f ms" % (target, result.status, result.reason, result.rtt_ms))
+    if result.status != 200:
+        raise SystemExit(EXIT_REFUSED)
 
 
 @main.group()

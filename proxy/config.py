@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Transport = Literal["udp", "tcp", "tls"]
 Mode = Literal["redirect", "proxy"]
@@ -35,8 +35,17 @@ class ListenAddress(BaseModel):
     host: str
     port: int
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: object) -> object:
+        return cls._split(value) if isinstance(value, str) else value
+
     @classmethod
     def parse(cls, text: str) -> ListenAddress:
+        return cls.model_validate(cls._split(text))
+
+    @staticmethod
+    def _split(text: str) -> dict[str, object]:
         transport, sep, hostport = text.partition(":")
         if not sep or transport.lower() not in ("udp", "tcp", "tls"):
             raise ValueError("expected udp:HOST:PORT or tcp:HOST:PORT, got %r" % text)
@@ -51,17 +60,11 @@ class ListenAddress(BaseModel):
             raise ValueError("%r: host must be an IP address, got %r" % (text, host)) from None
         if not portstr.isdigit() or not 0 <= int(portstr) < 65536:
             raise ValueError("%r: port must be 0-65535, got %r" % (text, portstr))
-        return cls(transport=transport.lower(), host=host, port=int(portstr))  # type: ignore[arg-type]
+        return {"transport": transport.lower(), "host": host, "port": int(portstr)}
 
     def __str__(self) -> str:
         host = "[%s]" % self.host if ":" in self.host else self.host
         return "%s:%s:%d" % (self.transport, host, self.port)
-
-
-def _listen_list(value: object) -> object:
-    if isinstance(value, list):
-        return [ListenAddress.parse(v) if isinstance(v, str) else v for v in value]
-    return value
 
 
 class ServerSettings(BaseModel):
@@ -73,8 +76,6 @@ class ServerSettings(BaseModel):
     mode: Mode = "redirect"
     server_name: str = "pcproxy.invalid"
     drain_timeout: Annotated[float, Field(ge=0.0, le=300.0)] = 5.0
-
-    _parse_listen = field_validator("listen", mode="before")(_listen_list)
 
 
 class TableSettings(BaseModel):

@@ -217,8 +217,10 @@ class Element:
         dest = response_peer(via, peer)
         txn_cls = InviteServerTransaction if req.method == "INVITE" else NonInviteServerTransaction
         txn = txn_cls(key, dest, self.config.timers, self._new_tag())
-        self.transactions[key] = txn
         response = self._answer(req, via, peer, txn)
+        # stored only once answered: a request _answer refuses with a SipError
+        # gets a stateless 400 and must not leave a transaction behind
+        self.transactions[key] = txn
         return self._run(txn, ResponseSent(response.status, bytes(response)), now)
 
     # UAS core ------------------------------------------------------------
@@ -315,13 +317,7 @@ class Element:
     ) -> Response:
         if diag is not None:
             extra = list(extra or ())
-            extra.append(
-                Header.make(
-                    "ms-diagnostics",
-                    '%d;reason="%s";source="%s"'
-                    % (diag[0], diag[1].replace('"', "'"), self.config.server_name),
-                )
-            )
+            extra.append(self._diagnostics(*diag))
         self.counters["responses.%d" % status] += 1
         return make_response(
             req, status, to_tag=txn.to_tag, via=response_vias(req, via, peer), extra=extra
@@ -331,34 +327,40 @@ class Element:
         """400/505/513... where the response can be routed (§8.2, §16.3), else drop."""
         partial = getattr(exc, "partial", None)
         if isinstance(partial, Request) and partial.method != "ACK":
+            vias: list[Header] | None = None
+            via: Via | None
             try:
                 via = partial.top_via()
+                vias = response_vias(partial, via, peer)
             except SipError:
-                via = None
+                via = _sent_by_only(partial)  # the Via lines are copied as they are
             if via is not None:
                 self.counters["responses.%d" % exc.status] += 1
                 self.counters["malformed_answered"] += 1
-                extra = [
-                    Header.make(
-                        "ms-diagnostics",
-                        '%d;reason="%s";source="%s"'
-                        % (
-                            DIAG_BAD_REQUEST,
-                            exc.reason.replace('"', "'")[:200],
-                            self.config.server_name,
-                        ),
-                    )
-                ]
+                extra = [self._diagnostics(DIAG_BAD_REQUEST, exc.reason)]
                 resp = make_response(
                     partial,
                     exc.status,
                     to_tag=self._new_tag(),
-                    via=response_vias(partial, via, peer),
+                    via=vias,
                     extra=extra,
                 )
                 return [Send(bytes(resp), response_peer(via, peer))]
         self.counters["malformed_dropped"] += 1
         return []
+
+    def _diagnostics(self, code: int, reason: str) -> Header:
+        """``ms-diagnostics: code;reason="...";source="..."`` ([MS-SIPRE] 2.2.3).
+
+        The reason may quote the request (a URI's decoded user part, a broken
+        line), so it is cut to 200 characters and shown as printable ASCII:
+        no CR/LF can end the header, no character falls outside Latin-1.
+        """
+        text = ascii(reason[:200])[1:-1].replace('"', "'")
+        return Header.make(
+            "ms-diagnostics",
+            '%d;reason="%s";source="%s"' % (code, text, self.config.server_name),
+        )
 
     # transactions and timers -------------------------------------------------
     def _run(self, txn: ServerTransaction, event: object, now: float) -> list[Send]:
@@ -413,6 +415,18 @@ def response_peer(via: Via, peer: Peer) -> Peer:
     if via.param("rport") is not None:
         return peer
     return Peer("udp", peer.host, via.port or 5060, peer.listener)
+
+
+def _sent_by_only(req: Request) -> Via | None:
+    """Protocol and sent-by of a top Via whose parameters do not parse, so a
+    400 can still reach the sender (RFC 3261 §18.2.2; RFC 4475 §3.1.2.1)."""
+    value = req.get("via")
+    if value is None:
+        return None
+    try:
+        return Via.parse(value.partition(",")[0].partition(";")[0].strip())
+    except SipError:
+        return None
 
 
 def response_vias(req: Request, via: Via, peer: Peer) -> list[Header] | None:

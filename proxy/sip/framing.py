@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 from proxy.sip.errors import MessageTooLarge, ParseError
 
-_CONTENT_LENGTH = re.compile(rb"\r\n(?:content-length|l)[ \t]*:[ \t]*([0-9]*)[ \t]*(?=\r\n)", re.I)
+_CONTENT_LENGTH = re.compile(
+    rb"\r\n(?:content-length|l)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)", re.I
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +79,11 @@ class StreamFramer:
             head_end = end + 4
             length = 0
             for m in _CONTENT_LENGTH.finditer(buf, 0, end + 2):
-                if not m.group(1):
-                    raise ParseError("empty Content-Length")
-                length = int(m.group(1)[:9])
+                value = m.group(1)
+                if not value.isdigit():
+                    # the end of this message, hence the start of the next, is unknown
+                    raise ParseError("malformed Content-Length %r" % bytes(value[:20]))
+                length = int(value[-10:]) if len(value.lstrip(b"0")) <= 9 else self._max + 1
                 break
             total = head_end + length
             if total > self._max:

@@ -8,7 +8,8 @@ that nobody changes is written back byte for byte, with its case, compact
 form, folding and spacing.  Bytes are decoded as Latin-1 so that every byte is
 one character and ``bytes(message)`` of an untouched message equals the
 bytes that were parsed (after the framing rules: leading CRLFs dropped, bytes
-past Content-Length discarded).
+past Content-Length discarded, and the empty line added that a datagram whose
+end closes its header section left out).
 
 Parsing validates what every element needs before acting (the start line, the
 mandatory headers, CSeq, Max-Forwards, Content-Length); everything else is
@@ -195,11 +196,17 @@ def parse(
         start += 2
     end = text.find("\r\n\r\n", start)
     if end < 0:
-        raise ParseError("no end of header section")
+        if stream or not text.endswith("\r\n") or len(text) - 2 <= start:
+            raise ParseError("no end of header section")
+        end = len(text) - 2  # the end of a datagram ends its header section
     eol = text.find("\r\n", start)
-    msg = _parse_start_line(text[start:eol])
-    body = data[end + 4 :]
     block = text[eol + 2 : end] if eol < end else ""
+    try:
+        msg = _parse_start_line(text[start:eol])
+    except SipError as exc:
+        _salvage(exc, text[start:eol], block, max_headers)
+        raise
+    body = data[end + 4 :]
     try:
         _parse_header_block(block, msg, max_headers)
         _validate(msg, body, stream)
@@ -212,6 +219,26 @@ def parse(
 def _attach(exc: SipError, msg: Message) -> None:
     if isinstance(msg, Request):
         exc.partial = msg  # type: ignore[attr-defined]
+
+
+def _salvage(exc: SipError, line: str, block: str, max_headers: int) -> None:
+    """A request line the parser refuses still deserves an answer (400, 505)
+    when the headers can be read: attach them to a partial request built
+    from what the line holds (RFC 4475 §3.1.2.6, §3.1.2.7, §3.1.2.15)."""
+    req = getattr(exc, "partial", None)
+    if req is None:
+        if line.startswith("SIP/"):
+            return
+        words = line.split()
+        method = words[0] if words and _METHOD_CHARS.issuperset(words[0]) else ""
+        req = Request(method=method, uri=words[1] if len(words) > 1 else "")
+    try:
+        _parse_header_block(block, req, max_headers)
+    except SipError:
+        if hasattr(exc, "partial"):
+            del exc.partial
+        return
+    exc.partial = req  # type: ignore[attr-defined]
 
 
 def _parse_start_line(line: str) -> Message:

@@ -70,13 +70,11 @@ class SipUri:
         if scheme not in ("sip", "sips"):
             raise UriError("unsupported URI scheme %r" % scheme, 416)
 
-        rest, qmark, headers = rest.partition("?")
-        if qmark and not _HEADER_CHARS.match(headers):
-            raise UriError("malformed URI headers")
         user = password = None
         if "@" in rest:
+            # '@' ends the userinfo and appears nowhere else (§25.1); the user
+            # may hold ';' and '?', so they are looked for only after it
             userinfo, _, rest = rest.rpartition("@")
-            # user may hold ';' and '?', never '@' (§25.1): a second '@' is an error
             user, colon, pw = userinfo.partition(":")
             if not _USER_CHARS.match(user):
                 raise UriError("malformed user part %r" % user[:80])
@@ -84,6 +82,9 @@ class SipUri:
                 if not _PASSWORD_CHARS.match(pw):
                     raise UriError("malformed password")
                 password = pw
+        rest, qmark, headers = rest.partition("?")
+        if qmark and not _HEADER_CHARS.match(headers):
+            raise UriError("malformed URI headers")
         hostport, _, paramtext = rest.partition(";")
         host, port = _split_hostport(hostport)
         params: list[tuple[str, str | None]] = []
@@ -142,9 +143,12 @@ def parse_uri(text: str) -> SipUri:
 
 _U = r"(?:[A-Za-z0-9\-_.!~*'()&=+$,;?/]|%[0-9A-Fa-f]{2})++"
 _P = r"(?:[A-Za-z0-9\-_.!~*'()&=+$,]|%[0-9A-Fa-f]{2})*+"
-_H = (
-    r"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)*"
-    r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.?)"
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+#: hostname (a top label starting with a letter) | IPv4address | IPv6reference
+_H = r"(?:%s|%s|%s)" % (
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)*[A-Za-z](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.?",
+    r"%s(?:\.%s){3}" % (_OCTET, _OCTET),
+    r"\[[0-9A-Fa-f:.]+\]",
 )
 _PC = r"(?:[A-Za-z0-9\-_.!~*'()\[\]/:&+$]|%[0-9A-Fa-f]{2})++"
 _HC = r"(?:[A-Za-z0-9\-_.!~*'()\[\]/?:+$=]|%[0-9A-Fa-f]{2})*+"
@@ -157,16 +161,17 @@ _SIP_URI_SHAPE = re.compile(
 def check_uri(text: str) -> None:
     """Validate a SIP or SIPS URI without building it (RFC 3261 §25.1).
 
-    The grammar is one regular expression with possessive quantifiers, so it
-    runs in time linear in the URI; what it cannot judge (an IPv6 reference,
-    an IPv4 octet or port range) goes through ``SipUri.parse``.
+    The grammar is one regular expression with possessive quantifiers that
+    accepts exactly what ``SipUri.parse`` accepts, except what it cannot
+    judge (an IPv6 reference, a port range), which goes through
+    ``SipUri.parse``.
     """
     if text in _uri_cache:
         return
     if len(text) > MAX_URI_LENGTH or not _SIP_URI_SHAPE.match(text):
         SipUri.parse(text)  # raises with the precise reason
         raise UriError("malformed URI %r" % text[:80])
-    if "[" in text or ":" in text[4:] or text[4:5].isdigit():
+    if "[" in text or ":" in text[4:]:
         SipUri.parse(text)
 
 
@@ -177,10 +182,8 @@ def _split_hostport(hostport: str) -> tuple[str, int | None]:
         if end < 0:
             raise UriError("unterminated IPv6 reference")
         host, rest = hostport[: end + 1], hostport[end + 1 :]
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            raise UriError("malformed IPv6 reference %r" % host[:80]) from None
+        if not _ipv6(host[1:-1]):
+            raise UriError("malformed IPv6 reference %r" % host[:80])
         if rest and not rest.startswith(":"):
             raise UriError("garbage after IPv6 reference")
         portstr = rest[1:] if rest else None
@@ -202,6 +205,24 @@ def _split_hostport(hostport: str) -> tuple[str, int | None]:
         if not 0 < port < 65536:
             raise UriError("port %d out of range" % port)
     return host, port
+
+
+def _ipv6(text: str) -> bool:
+    """An IPv6 address; like RFC 5118 §4.10, the ':::' before an embedded IPv4
+    address that RFC 3261's ABNF admits is read as '::'."""
+    try:
+        ipaddress.IPv6Address(text)
+        return True
+    except ValueError:
+        pass
+    head, sep, tail = text.partition(":::")
+    if not sep or "." not in tail or ":" in tail:
+        return False
+    try:
+        ipaddress.IPv6Address(head + "::" + tail)
+        return True
+    except ValueError:
+        return False
 
 
 def scheme_of(text: str) -> str:
@@ -237,7 +258,8 @@ class AddressOfRecord:
             raise UriError(exc.reason) from None
         if uri.user is None or uri.user == "":
             raise UriError("has no user part (expected sip:user@domain)")
-        if uri.password is not None or uri.port is not None or uri.params or uri.headers:
+        extras = (uri.password, uri.port, uri.headers)
+        if uri.params or any(x is not None for x in extras):
             raise UriError("must be sip:user@domain, without password, port or parameters")
         domain = normalise_fqdn(uri.host, what="domain")
         return cls("sip:%s@%s" % (uri.user, domain), uri.aor_key)

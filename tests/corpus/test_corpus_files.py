@@ -19,8 +19,14 @@ HERE = Path(__file__).parent
 RFCS = ("rfc4475", "rfc5118")
 OUTCOMES = {"process", "reject", "either", "drop"}
 FRAMINGS = {
-    "ok", "cl-corrected", "no-blank-line", "trailing-octets", "cl-too-large", "cl-negative",
-    "cl-conflicting", "no-content-length",
+    "ok",
+    "cl-corrected",
+    "no-blank-line",
+    "trailing-octets",
+    "cl-too-large",
+    "cl-negative",
+    "cl-conflicting",
+    "no-content-length",
 }
 #: Bodies that are binary on purpose and may hold bare CR or LF octets.
 BINARY_BODY = {"rfc4475/mpart01"}
