@@ -46,7 +46,7 @@ from proxy.sip.transaction import (
     Timers,
     transaction_key,
 )
-from proxy.sip.uri import parse_uri
+from proxy.sip.uri import aor_key_of, parse_uri
 from proxy.store import Snapshot
 
 ALLOW = "INVITE, ACK, CANCEL, OPTIONS, SUBSCRIBE, NOTIFY, INFO, UPDATE, BYE, MESSAGE"
@@ -240,7 +240,9 @@ class Element:
             return self._cancel(req, via, peer, txn)
         if self.draining:
             return self._respond(req, via, peer, txn, 503, extra=[Header.make("Retry-After", "5")])
-        unsupported = [t for t in option_tags(req.get_all("require")) if t not in SUPPORTED]
+        unsupported = "require" in req.keys and [
+            t for t in option_tags(req.get_all("require")) if t not in SUPPORTED
+        ]
         if unsupported:  # §8.2.2.3
             return self._respond(
                 req, via, peer, txn, 420, extra=[Header.make("Unsupported", ", ".join(unsupported))]
@@ -272,7 +274,7 @@ class Element:
                     Header.make("Supported", ", ".join(sorted(SUPPORTED))),
                 ],
             )
-        decision = routing.decide(self.snapshot, uri, self.config.default_mode)
+        decision = routing.decide(self.snapshot, uri, self.config.default_mode, aor_key_of(req.uri))
         if isinstance(decision, routing.NotFound):
             self.counters["not_found"] += 1
             return self._respond(

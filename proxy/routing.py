@@ -40,11 +40,14 @@ class NotFound:
 Decision = Redirect | Forward | NotFound
 
 
-def decide(snapshot: Snapshot, uri: SipUri, default_mode: str) -> Decision:
-    """Route a request whose Request-URI is ``uri``."""
-    endpoint = snapshot.lookup(uri.aor_key)
+def decide(snapshot: Snapshot, uri: SipUri, default_mode: str, key: str | None = None) -> Decision:
+    """Route a request whose Request-URI is ``uri`` (``key``: its ``aor_key``,
+    when the caller has it at hand)."""
+    if key is None:
+        key = uri.aor_key
+    endpoint = snapshot.lookup(key)
     if endpoint is None:
-        return NotFound(uri.aor_key)
+        return NotFound(key)
     if (endpoint.mode or default_mode) == "proxy":
         return Forward(endpoint)
     return Redirect(endpoint, pool_contact(uri, endpoint))

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from proxy.sip.errors import ParseError, UriError
-from proxy.sip.uri import check_uri, parse_uri, scheme_of
+from proxy.sip.uri import SIP_URI_SIMPLE, check_uri, parse_uri, scheme_of
 
 #: RFC 3261 §7.3.3 plus the registered compact forms that SIP elements meet.
 COMPACT_FORMS = {
@@ -263,9 +263,10 @@ def _parse_sent_by(sentby: str) -> tuple[str, int | None]:
 
 
 #: The everyday name-addr: "Display" <sip:user@host>;tag=abc;epid=123
+#: (the URI is validated by the same match when it is a simple SIP URI)
 _NAME_ADDR_FAST = re.compile(
     r'(?:"((?:[^"\\\r\n]|\\[^\r\n])*)"[ \t]*|(%s(?:[ \t]+%s)*)[ \t]*)?'
-    r'<([^<>"\s]+)>((?:;%s(?:=%s)?)*)\Z' % (_T, _T, _T, _T)
+    r'<(?:(%s)|([^<>"\s]+))>((?:;%s(?:=%s)?)*)\Z' % (_T, _T, SIP_URI_SIMPLE, _T, _T)
 )
 
 
@@ -282,8 +283,11 @@ class NameAddr:
     def parse(cls, value: str) -> NameAddr:
         m = _NAME_ADDR_FAST.match(value)
         if m is not None:
-            quoted, tokens, uri, paramtext = m.groups()
-            _check_uri(uri)
+            quoted, tokens, simple, uri, paramtext = m.groups()
+            if simple is not None:
+                uri = simple
+            else:
+                _check_uri(uri)
             params: list[tuple[str, str | None]] = []
             for item in paramtext[1:].split(";") if paramtext else ():
                 name, eq, pvalue = item.partition("=")

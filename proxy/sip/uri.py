@@ -127,6 +127,18 @@ class SipUri:
 
 
 _uri_cache: dict[str, SipUri] = {}
+_key_cache: dict[str, str] = {}
+
+
+def aor_key_of(text: str) -> str:
+    """``parse_uri(text).aor_key``, computed once per distinct URI text."""
+    key = _key_cache.get(text)
+    if key is None:
+        key = parse_uri(text).aor_key
+        if len(_key_cache) >= 4096:
+            _key_cache.clear()
+        _key_cache[text] = key
+    return key
 
 
 def parse_uri(text: str) -> SipUri:
@@ -152,6 +164,17 @@ _H = r"(?:%s|%s|%s)" % (
 )
 _PC = r"(?:[A-Za-z0-9\-_.!~*'()\[\]/:&+$]|%[0-9A-Fa-f]{2})++"
 _HC = r"(?:[A-Za-z0-9\-_.!~*'()\[\]/?:+$=]|%[0-9A-Fa-f]{2})*+"
+#: A SIP URI without password, port or IPv6 reference, for embedding in other
+#: patterns (``headers.NameAddr``): everything it matches ``SipUri.parse`` accepts.
+SIP_URI_SIMPLE = r"[Ss][Ii][Pp][Ss]?:(?:%s@)?(?:%s|%s)(?:;%s(?:=%s)?)*+(?:\?%s(?:&%s)*+)?" % (
+    _U.replace("?/]", "/]").replace(";", ""),
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)*[A-Za-z](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.?",
+    r"%s(?:\.%s){3}" % (_OCTET, _OCTET),
+    _PC,
+    _PC,
+    _HC,
+    _HC,
+)
 _SIP_URI_SHAPE = re.compile(
     r"[Ss][Ii][Pp][Ss]?:(?:%s(?::%s)?@)?%s(?::[0-9]{1,5})?(?:;%s(?:=%s)?)*+(?:\?%s(?:&%s)*+)?\Z"
     % (_U, _P, _H, _PC, _PC, _HC, _HC)
