@@ -7,6 +7,7 @@ import socket
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,19 +45,21 @@ def final(
     assert result.returncode == 0, result.errors
 
 
+def redirected(
+    daemon: Daemon, tmp: Path, contact_re: str, *, transport: str = "udp", **kw: Any
+) -> None:
+    """The client's INVITE through SIPp; the 302's Contact must match ``contact_re``."""
+    result = sipp("redirect.xml", daemon, transport, tmp=tmp, expect={"contact": contact_re}, **kw)
+    assert result.returncode == 0, result.errors
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_invite_to_table_uri_is_redirected_to_the_pool(
     daemon: Daemon, transport: str, tmp_path: Path
 ) -> None:
-    result = sipp(
-        "redirect.xml",
-        daemon,
-        transport,
-        calls=20,
-        tmp=tmp_path,
-        expect={"contact": r"^ *<sip:ocschat@pcpool\.contoso\.com> *$"},
+    redirected(
+        daemon, tmp_path, r"^ *<sip:ocschat@pcpool\.contoso\.com> *$", transport=transport, calls=20
     )
-    assert result.returncode == 0, result.errors
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -64,16 +67,14 @@ def test_contact_carries_the_endpoint_port_and_transport(
     daemon: Daemon, transport: str, tmp_path: Path
 ) -> None:
     # the table holds sip:GroupChat@Fabrikam.com; the client writes it in another case
-    result = sipp(
-        "redirect.xml",
+    redirected(
         daemon,
-        transport,
+        tmp_path,
+        r"^ *<sip:groupchat@pcpool\.fabrikam\.com:5041;transport=tls> *$",
+        transport=transport,
         service="groupchat",
         domain="FABRIKAM.com",
-        tmp=tmp_path,
-        expect={"contact": r"^ *<sip:groupchat@pcpool\.fabrikam\.com:5041;transport=tls> *$"},
     )
-    assert result.returncode == 0, result.errors
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -143,14 +144,7 @@ def test_ipv6_listener_redirects(table: Path, tmp_path: Path) -> None:
     d = start_daemon(table, "::1")
     try:
         for transport in TRANSPORTS:
-            result = sipp(
-                "redirect.xml",
-                d,
-                transport,
-                tmp=tmp_path,
-                expect={"contact": r"<sip:ocschat@pcpool\.contoso\.com>"},
-            )
-            assert result.returncode == 0, result.errors
+            redirected(d, tmp_path, r"<sip:ocschat@pcpool\.contoso\.com>", transport=transport)
     finally:
         assert d.stop() == 0
 
@@ -175,28 +169,14 @@ def test_cli_change_is_served_within_one_second(
     daemon.wait_for("table_loaded", timeout=1.0, since=mark, endpoints=3)
     assert time.monotonic() - started < 1.0
 
-    after = sipp(
-        "redirect.xml",
-        daemon,
-        service="pchat",
-        tmp=tmp_path,
-        expect={"contact": r"<sip:pchat@pcpool2\.contoso\.com>"},
-    )
-    assert after.returncode == 0, after.errors
+    redirected(daemon, tmp_path, r"<sip:pchat@pcpool2\.contoso\.com>", service="pchat")
 
     done = cli(
         "endpoint", "set", "sip:pchat@contoso.com", "--pool-fqdn", "pcpool3.contoso.com", db=table
     )
     assert done.returncode == 0, done.stderr
     daemon.wait_for("table_loaded", timeout=1.0, since=mark + 1, endpoints=3)
-    moved = sipp(
-        "redirect.xml",
-        daemon,
-        service="pchat",
-        tmp=tmp_path,
-        expect={"contact": r"<sip:pchat@pcpool3\.contoso\.com>"},
-    )
-    assert moved.returncode == 0, moved.errors
+    redirected(daemon, tmp_path, r"<sip:pchat@pcpool3\.contoso\.com>", service="pchat")
 
 
 def test_sighup_reloads_the_table(daemon: Daemon) -> None:
@@ -214,13 +194,7 @@ def test_a_table_that_fails_to_load_leaves_the_old_snapshot_serving(
             "UPDATE endpoint SET pool_fqdn = 'not a name' WHERE key = 'groupchat@fabrikam.com'"
         )
     daemon.wait_for("table_load_failed", since=mark)
-    result = sipp(
-        "redirect.xml",
-        daemon,
-        tmp=tmp_path,
-        expect={"contact": r"<sip:ocschat@pcpool\.contoso\.com>"},
-    )
-    assert result.returncode == 0, result.errors
+    redirected(daemon, tmp_path, r"<sip:ocschat@pcpool\.contoso\.com>")
 
 
 def test_garbage_datagrams_do_not_hurt_the_daemon(daemon: Daemon, tmp_path: Path) -> None:
@@ -265,14 +239,7 @@ def test_tcp_keepalive_ping_gets_pong(daemon: Daemon) -> None:
 
 
 def test_sigterm_drains_and_exits_zero(daemon: Daemon, tmp_path: Path) -> None:
-    result = sipp(
-        "redirect.xml",
-        daemon,
-        calls=5,
-        tmp=tmp_path,
-        expect={"contact": r"<sip:ocschat@pcpool\.contoso\.com>"},
-    )
-    assert result.returncode == 0, result.errors
+    redirected(daemon, tmp_path, r"<sip:ocschat@pcpool\.contoso\.com>", calls=5)
     assert daemon.stop(signal.SIGTERM) == 0
     assert any(ev.get("event") == "stopped" for ev in daemon.events)
 
