@@ -5,13 +5,14 @@ from __future__ import annotations
 import signal
 import socket
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .conftest import Daemon, cli, sipp, start_daemon
+from .conftest import PCPROXY, Daemon, cli, free_port, sipp, start_daemon
 
 pytestmark = pytest.mark.integration
 TRANSPORTS = ["udp", "tcp"]
@@ -266,3 +267,29 @@ def test_cli_errors_name_the_field(table: Path) -> None:
         db=table,
     )
     assert done.returncode != 0 and "already exists" in done.stderr
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_ping_reports_200_from_a_running_daemon(daemon: Daemon, transport: str) -> None:
+    done = subprocess.run(
+        [*PCPROXY, "ping", "127.0.0.1:%d" % daemon.port, "--transport", transport],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "200 OK" in done.stdout
+
+
+def test_ping_without_a_daemon_fails_with_one_line() -> None:
+    port = free_port()
+    done = subprocess.run(
+        [*PCPROXY, "ping", "127.0.0.1:%d" % port, "--transport", "tcp"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "pcproxy: error:" in done.stderr
