@@ -265,7 +265,7 @@ def _parse_sent_by(sentby: str) -> tuple[str, int | None]:
 #: The everyday name-addr: "Display" <sip:user@host>;tag=abc;epid=123
 #: (the URI is validated by the same match when it is a simple SIP URI)
 _NAME_ADDR_FAST = re.compile(
-    r'(?:"((?:[^"\\\r\n]|\\[^\r\n])*)"[ \t]*|(%s(?:[ \t]+%s)*)[ \t]*)?'
+    r'(?:"((?:[^"\\\r\n]++|\\[^\r\n])*+)"[ \t]*|(%s(?:[ \t]+%s)*)[ \t]*)?'
     r'<(?:(%s)|([^<>"\s]+))>((?:;%s(?:=%s)?)*)\Z' % (_T, _T, SIP_URI_SIMPLE, _T, _T)
 )
 

@@ -153,22 +153,27 @@ def parse_uri(text: str) -> SipUri:
     return uri
 
 
-_U = r"(?:[A-Za-z0-9\-_.!~*'()&=+$,;?/]|%[0-9A-Fa-f]{2})++"
-_P = r"(?:[A-Za-z0-9\-_.!~*'()&=+$,]|%[0-9A-Fa-f]{2})*+"
+_U = r"(?:[A-Za-z0-9\-_.!~*'()&=+$,;?/]++|%[0-9A-Fa-f]{2})++"
+_P = r"(?:[A-Za-z0-9\-_.!~*'()&=+$,]++|%[0-9A-Fa-f]{2})*+"
+#: hostname (RFC 3261 §25.1): labels of letters, digits and inner hyphens, the
+#: top label starting with a letter; runs are possessive so nothing backtracks
+_HOSTNAME_RE = (
+    r"(?:[A-Za-z0-9]++(?:-++[A-Za-z0-9]++)*+\.)*[A-Za-z][A-Za-z0-9]*+(?:-++[A-Za-z0-9]++)*+\.?"
+)
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 #: hostname (a top label starting with a letter) | IPv4address | IPv6reference
 _H = r"(?:%s|%s|%s)" % (
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)*[A-Za-z](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.?",
+    _HOSTNAME_RE,
     r"%s(?:\.%s){3}" % (_OCTET, _OCTET),
     r"\[[0-9A-Fa-f:.]+\]",
 )
-_PC = r"(?:[A-Za-z0-9\-_.!~*'()\[\]/:&+$]|%[0-9A-Fa-f]{2})++"
-_HC = r"(?:[A-Za-z0-9\-_.!~*'()\[\]/?:+$=]|%[0-9A-Fa-f]{2})*+"
+_PC = r"(?:[A-Za-z0-9\-_.!~*'()\[\]/:&+$]++|%[0-9A-Fa-f]{2})++"
+_HC = r"(?:[A-Za-z0-9\-_.!~*'()\[\]/?:+$=]++|%[0-9A-Fa-f]{2})*+"
 #: A SIP URI without password, port or IPv6 reference, for embedding in other
 #: patterns (``headers.NameAddr``): everything it matches ``SipUri.parse`` accepts.
 SIP_URI_SIMPLE = r"[Ss][Ii][Pp][Ss]?:(?:%s@)?(?:%s|%s)(?:;%s(?:=%s)?)*+(?:\?%s(?:&%s)*+)?" % (
     _U.replace("?/]", "/]").replace(";", ""),
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)*[A-Za-z](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.?",
+    _HOSTNAME_RE,
     r"%s(?:\.%s){3}" % (_OCTET, _OCTET),
     _PC,
     _PC,
