@@ -368,11 +368,20 @@ class CSeq:
         parts = value.split()
         if len(parts) != 2 or not parts[0].isdigit() or not parts[0].isascii():
             raise ParseError("malformed CSeq %r" % value[:40])
-        if len(parts[0]) > 10 or int(parts[0]) >= 2**31:
+        number, method = parts
+        if len(number) > 10 or (n := int(number)) >= 2**31:
             raise ParseError("CSeq number out of range")
-        if not _TOKEN.match(parts[1]):
+        if method not in _METHODS and not _TOKEN.match(method):
             raise ParseError("malformed CSeq method")
-        return cls(int(parts[0]), parts[1])
+        return cls(n, method)
+
+
+#: Methods every SIP element meets (RFC 3261 §27.4 and extensions): tokens
+#: known in advance, so they need no regular expression.
+_METHODS = frozenset(
+    ("INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "SUBSCRIBE", "NOTIFY")
+    + ("INFO", "UPDATE", "MESSAGE", "REFER", "PRACK", "PUBLISH", "SERVICE", "BENOTIFY")
+)
 
 
 def parse_uint(value: str, what: str, limit: int) -> int:

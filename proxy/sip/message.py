@@ -279,22 +279,23 @@ def _parse_header_block(block: str, msg: Message, max_headers: int) -> None:
     if len(lines) > max_headers:
         # keep what is needed to answer (§8.2.6), then refuse
         msg.lines = lines = lines[:max_headers]
-        msg.keys = _keys(lines)
+        msg.keys = _keys(lines, len(block) > MAX_LINE)
         raise MessageTooLarge("more than %d header lines" % max_headers)
     msg.lines = lines
-    msg.keys = _keys(lines)
+    msg.keys = _keys(lines, len(block) > MAX_LINE)
 
 
-def _keys(lines: list[str]) -> list[str]:
+def _keys(lines: list[str], long: bool) -> list[str]:
+    """The canonical key of each line; ``long`` says a line may exceed
+    ``MAX_LINE`` (no line of a shorter header section can)."""
     key_of = _KEYS.get
     keys = []
     for line in lines:
-        colon = line.find(":")
-        if colon < 0:
+        name, colon, _ = line.partition(":")
+        if not colon:
             raise ParseError("header line without ':' %r" % line[:40])
-        if len(line) > MAX_LINE:
+        if long and len(line) > MAX_LINE:
             raise MessageTooLarge("header line longer than %d" % MAX_LINE)
-        name = line[:colon]
         keys.append(key_of(name) or header_key(name.rstrip(_LWS)))
     return keys
 
@@ -365,24 +366,20 @@ def _frame_body(msg: Message, body: bytes, stream: bool, length: str | None) -> 
 
 
 _REQUIRED = ("via", "from", "to", "call-id", "cseq")
+_REQUIRED_SET = frozenset(_REQUIRED)
 _SINGLE = frozenset(("from", "to", "call-id", "cseq", "max-forwards", "content-length"))
 
 
 def _validate(msg: Message, body: bytes, stream: bool) -> None:
     """Checks every element makes before acting on a message (§8.2, §16.3),
     and the body framing; fills in the parsed fields of ``msg``."""
-    first: dict[str, str] = {}
-    for key, raw in zip(msg.keys, msg.lines, strict=True):
-        if key in first:
-            if key in _SINGLE and (
-                key != "content-length" or line_value(first[key]) != line_value(raw)
-            ):
-                raise ParseError("more than one %s header" % key)
-        else:
-            first[key] = raw
-    missing = [k for k in _REQUIRED if k not in first]
-    if missing:
-        raise ParseError("missing %s" % ", ".join(missing))
+    keys, lines = msg.keys, msg.lines
+    # the first line of each header: built backwards so the first one wins
+    first = dict(zip(reversed(keys), reversed(lines), strict=True))
+    if len(first) != len(keys):
+        _check_single(keys, lines)
+    if not first.keys() >= _REQUIRED_SET:
+        raise ParseError("missing %s" % ", ".join(k for k in _REQUIRED if k not in first))
     cl = first.get("content-length")
     msg.body = _frame_body(msg, body, stream, line_value(cl) if cl is not None else None)
     via = line_value(first["via"])
@@ -399,6 +396,20 @@ def _validate(msg: Message, body: bytes, stream: bool) -> None:
         mf = first.get("max-forwards")
         if mf is not None:
             msg.max_forwards = parse_uint(line_value(mf), "Max-Forwards", 255)
+
+
+def _check_single(keys: list[str], lines: list[str]) -> None:
+    """Refuse a second From, To, Call-ID, CSeq or Max-Forwards, and a second
+    Content-Length that disagrees with the first (§7.3.1, §20)."""
+    first: dict[str, str] = {}
+    for key, raw in zip(keys, lines, strict=True):
+        if key in first:
+            if key in _SINGLE and (
+                key != "content-length" or line_value(first[key]) != line_value(raw)
+            ):
+                raise ParseError("more than one %s header" % key)
+        else:
+            first[key] = raw
 
 
 def make_response(
