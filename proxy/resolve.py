@@ -1,0 +1,454 @@
+"""Where a Persistent Chat pool is: the RFC 3263 §4 target plan, over dnspython.
+
+Theory of operation
+-------------------
+``Resolver.plan(fqdn, port=, transport=)`` answers "which (address, port,
+transport) do I try, in which order" for a pool FQDN:
+
+* a numeric address is its own target (RFC 3263 §4.2), on the port given or
+  the default port;
+* with an explicit port, the A/AAAA records of the name, on that port, over the
+  transport given (TLS by default) — no SRV query (RFC 3263 §4.2);
+* without one, SRV for the enabled transports, ``_sips._tcp`` (TLS),
+  ``_sip._tcp`` (TCP), ``_sip._udp`` (UDP) in that preference, or only the one
+  transport given (RFC 3263 §4.1, §4.2; NAPTR is not consulted: Lync publishes
+  none for a pool, which RFC 3263 §4.1 treats as "no NAPTR records").  Each
+  transport's records are put in RFC 2782 order — lowest priority first,
+  weighted random within a priority — by dnspython's own
+  ``Rdataset.processing_order()``, anew for every plan, and each target host is
+  expanded to its A then AAAA addresses;
+* when no SRV record exists (how a pool is documented: A records only), the
+  A/AAAA records of the FQDN on the default port, 5041 over TLS (RFC 3263
+  §4.2 "If no SRV records were found"; the port and transport are
+  configurable).
+
+Every address of every target is in the plan, so the caller can fail over
+from one to the next (RFC 3263 §4.3); ``mark_failed(target)`` remembers a
+target that did not answer for ``failure_ttl`` seconds, and later plans put it
+last (never drop it: a pool whose every member failed is still tried).
+
+The ordering is a pure function, ``order_targets``, of the answers; only the
+queries await.  Answers are cached by (name, type) for their TTL (capped at
+seven days, RFC 8767 §4), negative answers for the SOA's negative TTL (RFC
+2308 §5), in an LRU of bounded size.  Expired entries are kept up to
+``max_stale`` seconds and served only when a refresh cannot reach the DNS (a
+timeout, or no nameserver answering) — RFC 8767 §5 — after which the name is
+not asked again for ``stale_recheck`` seconds (RFC 8767's failure recheck
+timer).  Concurrent lookups of one (name, type) share one query.
+
+dnspython's typed exceptions become a reason string (``NXDOMAIN``, ``DNS
+timeout``...); a ``ResolveError`` (503, the project's one error root) is raised
+only when the plan would be empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+import dns.asyncresolver
+import dns.exception
+import dns.message
+import dns.name
+import dns.rdataset
+import dns.rdatatype
+import dns.resolver
+from dns.rdtypes.IN.SRV import SRV
+
+from proxy.sip.errors import SipError
+
+DEFAULT_PORT: Final = 5041
+"""The Persistent Chat pool's SIP port (Lync default, TLS)."""
+DEFAULT_TRANSPORT: Final = "tls"
+SERVICES: Final[Mapping[str, str]] = {"tls": "_sips._tcp", "tcp": "_sip._tcp", "udp": "_sip._udp"}
+"""RFC 3263 §4.1 service labels per transport, in order of preference."""
+MAX_TTL: Final = 7 * 86400
+"""RFC 8767 §4: a TTL above seven days is capped at seven days."""
+ADDRESS_TYPES: Final = ("A", "AAAA")
+
+
+class ResolveError(SipError):
+    """No target at all could be found for a name: 503 (RFC 3261 §16.7 step 6,
+    RFC 3263 §4.3: the request cannot be forwarded)."""
+
+    status = 503
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One place to send a request: ``host`` is the name it came from."""
+
+    host: str
+    address: str
+    port: int
+    transport: str
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        """What failure memory remembers: the same address reached by two
+        names is the same server."""
+        return (self.address, self.port, self.transport)
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """A host, port and transport before its addresses are looked up."""
+
+    host: str
+    port: int
+    transport: str
+
+
+# the pure part -------------------------------------------------------------------
+def normalise(name: str) -> str:
+    return name.strip().rstrip(".").lower()
+
+
+def is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def transports_for(transport: str | None) -> tuple[str, ...]:
+    """The transports whose SRV records are asked for (RFC 3263 §4.1)."""
+    if transport is None:
+        return tuple(SERVICES)
+    if transport not in SERVICES:
+        raise ResolveError("unknown transport %r" % transport)
+    return (transport,)
+
+
+def srv_name(fqdn: str, transport: str) -> str:
+    """``_sips._tcp.pool.contoso.com`` (RFC 3263 §4.2, RFC 2782)."""
+    return "%s.%s" % (SERVICES[transport], normalise(fqdn))
+
+
+def order_hops(
+    srv: Mapping[str, dns.rdataset.Rdataset | None], transports: Sequence[str]
+) -> list[Hop]:
+    """SRV records in the order to try (RFC 2782 "Usage rules", RFC 3263 §4.2).
+
+    Transports in the order given; within one transport, dnspython's
+    ``processing_order()``: ascending priority, and within a priority a
+    weighted random order (weight 0 gets a small chance).  A target of "."
+    ("service decidedly not available", RFC 2782) is skipped.
+    """
+    hops: list[Hop] = []
+    seen: set[Hop] = set()
+    for transport in transports:
+        rdataset = srv.get(transport)
+        if not rdataset:
+            continue
+        for rdata in rdataset.processing_order():
+            assert isinstance(rdata, SRV)
+            if rdata.target == dns.name.root:
+                continue
+            hop = Hop(normalise(rdata.target.to_text()), rdata.port, transport)
+            if hop not in seen:
+                seen.add(hop)
+                hops.append(hop)
+    return hops
+
+
+def srv_hosts(srv: Mapping[str, dns.rdataset.Rdataset | None]) -> list[str]:
+    """Every target host named by the SRV records, in no particular order."""
+    hosts: dict[str, None] = {}
+    for rdataset in srv.values():
+        for rdata in rdataset or ():
+            assert isinstance(rdata, SRV)
+            if rdata.target != dns.name.root:
+                hosts[normalise(rdata.target.to_text())] = None
+    return list(hosts)
+
+
+def demote_failed(
+    targets: Iterable[Target], failed: Collection[tuple[str, int, str]]
+) -> list[Target]:
+    """Targets that failed recently go last, in their order; none is dropped."""
+    ordered = list(targets)
+    return [t for t in ordered if t.key not in failed] + [t for t in ordered if t.key in failed]
+
+
+def order_targets(
+    fqdn: str,
+    *,
+    srv: Mapping[str, dns.rdataset.Rdataset | None],
+    addresses: Mapping[str, Sequence[str]],
+    port: int | None = None,
+    transport: str | None = None,
+    default_port: int = DEFAULT_PORT,
+    default_transport: str = DEFAULT_TRANSPORT,
+    failed: Collection[tuple[str, int, str]] = frozenset(),
+) -> list[Target]:
+    """The plan, given the DNS answers (RFC 3263 §4.1, §4.2; RFC 2782).
+
+    ``srv`` maps a transport to its SRV rdataset (``None`` or absent: no SRV
+    records); ``addresses`` maps each host (lower case, no final dot) to its
+    addresses, A before AAAA.  With a ``port``, or for a numeric ``fqdn``, SRV
+    is not consulted.  Without SRV, the FQDN's own addresses on
+    ``default_port``.  Duplicate (address, port, transport) keep their first
+    place; ``failed`` ones go last.
+    """
+    name = normalise(fqdn)
+    if port is not None or is_address(name):
+        hops = [Hop(name, port or default_port, transport or default_transport)]
+    else:
+        hops = order_hops(srv, transports_for(transport))
+        if not any(srv.get(t) for t in transports_for(transport)):
+            hops = [Hop(name, default_port, transport or default_transport)]
+    targets: list[Target] = []
+    seen: set[tuple[str, int, str]] = set()
+    for hop in hops:
+        found = [name.strip("[]")] if hop.host == name and is_address(name) else []
+        for address in found or addresses.get(hop.host, ()):
+            target = Target(hop.host, address, hop.port, hop.transport)
+            if target.key not in seen:
+                seen.add(target.key)
+                targets.append(target)
+    return demote_failed(targets, failed)
+
+
+# the cache ------------------------------------------------------------------------
+@dataclass(slots=True)
+class Lookup:
+    """One (name, type) answer: the records, or why there are none."""
+
+    rdataset: dns.rdataset.Rdataset | None
+    reason: str | None = None
+    unreachable: bool = False
+
+
+@dataclass(slots=True)
+class _Entry:
+    lookup: Lookup
+    expires: float
+    stale_until: float
+    recheck_after: float = 0.0
+
+
+@dataclass(slots=True)
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    stale: int = 0
+    evictions: int = 0
+
+
+def _reason(exc: dns.exception.DNSException) -> tuple[str, bool]:
+    """A dnspython exception as (reason, the DNS could not be reached)."""
+    if isinstance(exc, dns.resolver.NXDOMAIN):
+        return "NXDOMAIN", False
+    if isinstance(exc, dns.resolver.NoAnswer):
+        return "no records", False
+    if isinstance(exc, dns.resolver.LifetimeTimeout):
+        return "DNS timeout", True
+    if isinstance(exc, dns.resolver.NoNameservers):
+        return "no nameserver answered", True
+    if isinstance(exc, dns.exception.Timeout):
+        return "DNS timeout", True
+    return "DNS error (%s)" % type(exc).__name__, False
+
+
+@dataclass
+class Resolver:
+    """RFC 3263 target plans with a TTL cache, serve-stale and failure memory.
+
+    ``nameservers`` and ``port`` point the owned ``dns.asyncresolver.Resolver``
+    at given servers (tests: ``["127.0.0.1"]`` and a port chosen at run time);
+    without them /etc/resolv.conf is read.
+    """
+
+    nameservers: Sequence[str] | None = None
+    port: int | None = None
+    timeout: float = 2.0
+    lifetime: float = 4.0
+    default_port: int = DEFAULT_PORT
+    default_transport: str = DEFAULT_TRANSPORT
+    address_types: Sequence[str] = ADDRESS_TYPES
+    cache_size: int = 1024
+    max_stale: float = 86400.0
+    stale_recheck: float = 30.0
+    max_negative_ttl: float = 300.0
+    failure_ttl: float = 30.0
+    clock: Callable[[], float] = time.monotonic
+    stats: CacheStats = field(default_factory=CacheStats)
+    dns_resolver: dns.asyncresolver.Resolver = field(init=False)
+    _cache: OrderedDict[tuple[str, str], _Entry] = field(init=False, default_factory=OrderedDict)
+    _failed: dict[tuple[str, int, str], float] = field(init=False, default_factory=dict)
+    _inflight: dict[tuple[str, str], asyncio.Future[Lookup]] = field(
+        init=False, default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        resolver = dns.asyncresolver.Resolver(configure=self.nameservers is None)
+        if self.nameservers is not None:
+            resolver.nameservers = list(self.nameservers)
+        if self.port is not None:
+            resolver.port = self.port
+        resolver.timeout = self.timeout
+        resolver.lifetime = self.lifetime
+        resolver.cache = None
+        self.dns_resolver = resolver
+
+    # failure memory
+    def mark_failed(self, target: Target) -> None:
+        """Remember that ``target`` did not answer (RFC 3263 §4.3): later plans
+        try it last, for ``failure_ttl`` seconds."""
+        self._failed[target.key] = self.clock() + self.failure_ttl
+
+    def mark_succeeded(self, target: Target) -> None:
+        self._failed.pop(target.key, None)
+
+    def failed(self) -> frozenset[tuple[str, int, str]]:
+        now = self.clock()
+        for key in [k for k, until in self._failed.items() if until <= now]:
+            del self._failed[key]
+        return frozenset(self._failed)
+
+    # the plan
+    async def plan(
+        self, fqdn: str, *, port: int | None = None, transport: str | None = None
+    ) -> list[Target]:
+        """The targets for a pool, in the order to try (RFC 3263 §4).
+
+        Raises ``ResolveError`` (503) only when there is no target at all.
+        """
+        name = normalise(fqdn)
+        transports = transports_for(transport)
+        srv: dict[str, dns.rdataset.Rdataset | None] = {}
+        hosts = [name]
+        if port is None and not is_address(name):
+            answers = await asyncio.gather(
+                *(self.lookup(srv_name(name, t), "SRV") for t in transports)
+            )
+            srv = {t: a.rdataset for t, a in zip(transports, answers, strict=True)}
+            if any(srv.values()):
+                hosts = srv_hosts(srv)
+        addresses: dict[str, list[str]] = {}
+        reasons: dict[str, None] = {}
+        if not is_address(name):
+            found = await asyncio.gather(*(self.addresses(h) for h in hosts))
+            for host, (addrs, why) in zip(hosts, found, strict=True):
+                addresses[host] = addrs
+                for reason in why:
+                    reasons["%s: %s" % (host, reason)] = None
+        targets = order_targets(
+            name,
+            srv=srv,
+            addresses=addresses,
+            port=port,
+            transport=transport,
+            default_port=self.default_port,
+            default_transport=self.default_transport,
+            failed=self.failed(),
+        )
+        if not targets:
+            if not reasons:
+                reasons["%s: no SRV target available" % name] = None
+            raise ResolveError("; ".join(reasons))
+        return targets
+
+    async def addresses(self, host: str) -> tuple[list[str], list[str]]:
+        """The addresses of ``host``, A before AAAA, and why any type had none."""
+        lookups = await asyncio.gather(*(self.lookup(host, t) for t in self.address_types))
+        found: list[str] = []
+        reasons: list[str] = []
+        for rdtype, result in zip(self.address_types, lookups, strict=True):
+            if result.rdataset:
+                found += [r.to_text() for r in result.rdataset]
+            elif result.reason:
+                reasons.append("%s %s" % (rdtype, result.reason))
+        return found, ([] if found else reasons)
+
+    # the cache
+    async def lookup(self, name: str, rdtype: str) -> Lookup:
+        """One (name, type) from the cache, the DNS, or the stale cache."""
+        key = (normalise(name), rdtype)
+        now = self.clock()
+        entry = self._cache.get(key)
+        if entry is not None:
+            if now >= entry.stale_until:
+                del self._cache[key]
+                entry = None
+            else:
+                self._cache.move_to_end(key)
+                if now < entry.expires:
+                    self.stats.hits += 1
+                    return entry.lookup
+                if now < entry.recheck_after:
+                    self.stats.stale += 1
+                    return entry.lookup
+        self.stats.misses += 1
+        pending = self._inflight.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._query(*key))
+            self._inflight[key] = pending
+            pending.add_done_callback(lambda _: self._inflight.pop(key, None))
+        result = await asyncio.shield(pending)
+        if result.unreachable:
+            entry = self._cache.get(key)
+            if entry is not None and self.clock() < entry.stale_until:
+                entry.recheck_after = self.clock() + self.stale_recheck
+                self.stats.stale += 1
+                return entry.lookup
+        return result
+
+    async def _query(self, name: str, rdtype: str) -> Lookup:
+        try:
+            answer = await self.dns_resolver.resolve(
+                dns.name.from_text(name),
+                dns.rdatatype.from_text(rdtype),
+                raise_on_no_answer=False,
+                search=False,
+            )
+        except dns.resolver.NXDOMAIN as exc:
+            lookup = Lookup(None, "NXDOMAIN")
+            self._store((name, rdtype), lookup, self._negative_ttl(exc))
+            return lookup
+        except dns.exception.DNSException as exc:
+            reason, unreachable = _reason(exc)
+            return Lookup(None, reason, unreachable)
+        ttl = float(answer.chaining_result.minimum_ttl)
+        if answer.rrset is None:
+            lookup = Lookup(None, "no records")
+            self._store((name, rdtype), lookup, min(ttl, self.max_negative_ttl))
+        else:
+            lookup = Lookup(answer.rrset)
+            self._store((name, rdtype), lookup, min(ttl, MAX_TTL))
+        return lookup
+
+    def _negative_ttl(self, exc: dns.resolver.NXDOMAIN) -> float:
+        """RFC 2308 §5: the SOA's TTL and MINIMUM bound a negative answer."""
+        try:
+            responses: dict[dns.name.Name, dns.message.QueryMessage] = exc.kwargs["responses"]
+            response = next(iter(responses.values()))
+            ttl = float(response.resolve_chaining().minimum_ttl)
+        except (KeyError, StopIteration, dns.exception.DNSException):
+            ttl = 0.0
+        return min(ttl, self.max_negative_ttl)
+
+    def _store(self, key: tuple[str, str], lookup: Lookup, ttl: float) -> None:
+        now = self.clock()
+        self._cache[key] = _Entry(lookup, now + ttl, now + ttl + self.max_stale)
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+            self.stats.evictions += 1
+
+    def cached(self) -> int:
+        return len(self._cache)
+
+
+async def plan(
+    fqdn: str, *, port: int | None = None, transport: str | None = None, resolver: Resolver
+) -> list[Target]:
+    """``resolver.plan(...)``: the RFC 3263 §4 plan for a pool FQDN."""
+    return await resolver.plan(fqdn, port=port, transport=transport)

@@ -1,0 +1,352 @@
+"""The RFC 3263 plan without a network: the pure ordering, and the cache,
+serve-stale and failure memory over a scripted stand-in for dnspython."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdata
+import dns.rdataclass
+import dns.rdataset
+import dns.rdatatype
+import dns.resolver
+import dns.rrset
+import pytest
+
+from proxy.resolve import (
+    DEFAULT_PORT,
+    Hop,
+    ResolveError,
+    Resolver,
+    Target,
+    demote_failed,
+    order_hops,
+    order_targets,
+    srv_name,
+    transports_for,
+)
+from proxy.sip.errors import SipError
+
+POOL = "pool.contoso.com"
+
+
+def srv(*records: str, ttl: int = 300) -> dns.rdataset.Rdataset:
+    """An SRV rdataset from zone-file text, e.g. ``"10 60 5041 fe1.contoso.com."``."""
+    return dns.rdataset.from_text("IN", "SRV", ttl, *records)
+
+
+WEIGHTED = srv(
+    "10 60 5041 fe1.contoso.com.",
+    "10 30 5041 fe2.contoso.com.",
+    "10 10 5041 fe3.contoso.com.",
+    "20 0 5042 standby.contoso.com.",
+)
+ADDRESSES = {
+    "fe1.contoso.com": ["192.0.2.31"],
+    "fe2.contoso.com": ["192.0.2.32"],
+    "fe3.contoso.com": ["192.0.2.33", "2001:db8::33"],
+    "standby.contoso.com": ["192.0.2.39"],
+    POOL: ["192.0.2.11", "192.0.2.12"],
+}
+
+
+# RFC 2782 order, by dnspython ------------------------------------------------------
+def test_lower_priority_always_comes_first() -> None:
+    for _ in range(200):
+        hops = order_hops({"tls": WEIGHTED}, ("tls",))
+        assert [h.host for h in hops][-1] == "standby.contoso.com"
+        assert {h.host for h in hops[:3]} == {
+            "fe1.contoso.com",
+            "fe2.contoso.com",
+            "fe3.contoso.com",
+        }
+        assert hops[-1] == Hop("standby.contoso.com", 5042, "tls")
+
+
+def test_weights_decide_how_often_a_target_comes_first() -> None:
+    runs = 4000
+    first = Counter(order_hops({"tls": WEIGHTED}, ("tls",))[0].host for _ in range(runs))
+    share = {host: n / runs for host, n in first.items()}
+    assert share["fe1.contoso.com"] == pytest.approx(0.6, abs=0.05)
+    assert share["fe2.contoso.com"] == pytest.approx(0.3, abs=0.05)
+    assert share["fe3.contoso.com"] == pytest.approx(0.1, abs=0.04)
+    assert "standby.contoso.com" not in share
+
+
+def test_transports_in_preference_tls_tcp_udp() -> None:
+    records = {
+        "udp": srv("10 0 5060 u.contoso.com."),
+        "tcp": srv("10 0 5060 t.contoso.com."),
+        "tls": srv("10 0 5041 s.contoso.com."),
+    }
+    hops = order_hops(records, transports_for(None))
+    assert [h.transport for h in hops] == ["tls", "tcp", "udp"]
+    assert [h.transport for h in order_hops(records, transports_for("tcp"))] == ["tcp"]
+
+
+def test_srv_target_dot_means_no_service_and_duplicates_collapse() -> None:
+    assert order_hops({"tls": srv("0 0 0 .")}, ("tls",)) == []
+    twice = srv("10 0 5041 fe1.contoso.com.", "20 0 5041 FE1.contoso.com.")
+    assert order_hops({"tls": twice}, ("tls",)) == [Hop("fe1.contoso.com", 5041, "tls")]
+
+
+# the whole plan, pure ------------------------------------------------------------------
+def test_srv_plan_expands_each_target_to_its_addresses_a_before_aaaa() -> None:
+    plan = order_targets(POOL, srv={"tls": srv("10 0 5041 fe3.contoso.com.")}, addresses=ADDRESSES)
+    assert plan == [
+        Target("fe3.contoso.com", "192.0.2.33", 5041, "tls"),
+        Target("fe3.contoso.com", "2001:db8::33", 5041, "tls"),
+    ]
+
+
+def test_no_srv_falls_back_to_the_names_addresses_on_5041_over_tls() -> None:
+    plan = order_targets(POOL, srv={"tls": None}, addresses=ADDRESSES)
+    assert plan == [
+        Target(POOL, "192.0.2.11", DEFAULT_PORT, "tls"),
+        Target(POOL, "192.0.2.12", DEFAULT_PORT, "tls"),
+    ]
+    assert DEFAULT_PORT == 5041
+    other = order_targets(
+        POOL + ".", srv={}, addresses=ADDRESSES, default_port=5061, transport="tcp"
+    )
+    assert [(t.port, t.transport) for t in other] == [(5061, "tcp"), (5061, "tcp")]
+
+
+def test_explicit_port_skips_srv() -> None:
+    plan = order_targets(POOL, srv={"tls": WEIGHTED}, addresses=ADDRESSES, port=5070)
+    assert plan == [
+        Target(POOL, "192.0.2.11", 5070, "tls"),
+        Target(POOL, "192.0.2.12", 5070, "tls"),
+    ]
+    tcp = order_targets(POOL, srv={}, addresses=ADDRESSES, port=5060, transport="tcp")
+    assert {t.transport for t in tcp} == {"tcp"}
+
+
+def test_numeric_host_is_its_own_target() -> None:
+    assert order_targets("192.0.2.7", srv={}, addresses={}) == [
+        Target("192.0.2.7", "192.0.2.7", 5041, "tls")
+    ]
+    assert order_targets("[2001:db8::7]", srv={}, addresses={}, port=5060, transport="tcp") == [
+        Target("[2001:db8::7]", "2001:db8::7", 5060, "tcp")
+    ]
+
+
+def test_failed_targets_go_last_in_their_order_and_none_is_dropped() -> None:
+    plan = order_targets(
+        POOL,
+        srv={},
+        addresses={POOL: ["192.0.2.1", "192.0.2.2", "192.0.2.3"]},
+        failed={("192.0.2.1", 5041, "tls"), ("192.0.2.2", 5041, "tls")},
+    )
+    assert [t.address for t in plan] == ["192.0.2.3", "192.0.2.1", "192.0.2.2"]
+    assert demote_failed(plan, {t.key for t in plan}) == plan
+
+
+def test_the_same_address_through_two_names_is_tried_once() -> None:
+    records = {"tls": srv("10 0 5041 a.contoso.com.", "20 0 5041 b.contoso.com.")}
+    plan = order_targets(
+        POOL,
+        srv=records,
+        addresses={"a.contoso.com": ["192.0.2.5"], "b.contoso.com": ["192.0.2.5"]},
+    )
+    assert plan == [Target("a.contoso.com", "192.0.2.5", 5041, "tls")]
+
+
+def test_unknown_transport_is_a_resolve_error_with_503() -> None:
+    with pytest.raises(ResolveError) as info:
+        transports_for("sctp")
+    assert isinstance(info.value, SipError) and info.value.status == 503
+    assert srv_name("Pool.Contoso.com.", "tls") == "_sips._tcp.pool.contoso.com"
+
+
+# the Resolver over a scripted DNS ---------------------------------------------------------
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class ScriptedDns:
+    """Stands in for ``dns.asyncresolver.Resolver``: answers from ``zone``
+    (name -> type -> (ttl, records)), or raises ``down`` when set."""
+
+    zone: dict[str, dict[str, tuple[int, list[str]]]]
+    down: Exception | None = None
+    queries: list[tuple[str, str]] = field(default_factory=list)
+    gate: asyncio.Event | None = None
+
+    async def resolve(self, qname: dns.name.Name, rdtype: int, **kwargs: object) -> object:
+        name = qname.to_text(omit_final_dot=True)
+        text = dns.rdatatype.to_text(dns.rdatatype.RdataType(rdtype))
+        self.queries.append((name, text))
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.down is not None:
+            raise self.down
+        if name not in self.zone:
+            nx = {qname: nxdomain(qname)}
+            raise dns.resolver.NXDOMAIN(qnames=[qname], responses=nx)  # type: ignore[no-untyped-call]
+        ttl, records = self.zone[name].get(text, (60, []))
+        rrset = dns.rrset.from_text_list(qname, ttl, "IN", text, records) if records else None
+        return SimpleNamespace(rrset=rrset, chaining_result=SimpleNamespace(minimum_ttl=ttl))
+
+
+def nxdomain(qname: dns.name.Name) -> dns.message.Message:
+    """An NXDOMAIN response whose SOA (TTL 600, MINIMUM 45) gives 45 s."""
+    response = dns.message.make_response(dns.message.make_query(qname, "A"))
+    response.set_rcode(dns.rcode.NXDOMAIN)
+    soa = response.find_rrset(
+        response.authority,
+        dns.name.from_text("contoso.com."),
+        dns.rdataclass.IN,
+        dns.rdatatype.SOA,
+        create=True,
+    )
+    soa.add(
+        dns.rdata.from_text("IN", "SOA", "ns.contoso.com. h.contoso.com. 1 3600 600 86400 45"), 600
+    )
+    return response
+
+
+ZONE = {
+    POOL: {"A": (30, ["192.0.2.11", "192.0.2.12"])},
+    "_sips._tcp.srv.contoso.com": {"SRV": (300, ["10 0 5041 fe1.contoso.com."])},
+    "fe1.contoso.com": {"A": (300, ["192.0.2.31"]), "AAAA": (300, ["2001:db8::31"])},
+}
+
+
+def resolver(**kwargs: object) -> tuple[Resolver, ScriptedDns, Clock]:
+    clock = Clock()
+    r = Resolver(nameservers=["127.0.0.1"], port=53, clock=clock, **kwargs)  # type: ignore[arg-type]
+    scripted = ScriptedDns({k: dict(v) for k, v in ZONE.items()})
+    r.dns_resolver = scripted  # type: ignore[assignment]
+    return r, scripted, clock
+
+
+@pytest.mark.asyncio
+async def test_answers_are_cached_for_their_ttl() -> None:
+    r, net, clock = resolver()
+    first = await r.plan(POOL)
+    asked = len(net.queries)
+    assert await r.plan(POOL) == first
+    assert len(net.queries) == asked
+    clock.now += 31
+    await r.plan(POOL)
+    assert (POOL, "A") in net.queries[asked:]
+    assert r.stats.hits > 0
+
+
+@pytest.mark.asyncio
+async def test_srv_answer_gives_targets_in_order() -> None:
+    r, _, _ = resolver()
+    assert [t.address for t in await r.plan("srv.contoso.com")] == ["192.0.2.31", "2001:db8::31"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "down",
+    [
+        dns.resolver.LifetimeTimeout(timeout=1.0, errors=[]),  # type: ignore[no-untyped-call]
+        dns.resolver.NoNameservers(),  # type: ignore[no-untyped-call]
+    ],
+    ids=["timeout", "no-nameserver"],
+)
+async def test_expired_answer_is_served_stale_when_the_dns_is_unreachable(
+    down: Exception,
+) -> None:
+    r, net, clock = resolver(max_stale=3600, stale_recheck=30)
+    warm = await r.plan(POOL)
+    net.down = down
+    clock.now += 100
+    assert await r.plan(POOL) == warm
+    assert r.stats.stale >= 1
+    asked = len(net.queries)
+    clock.now += 10  # within the failure recheck time: not asked again
+    assert await r.plan(POOL) == warm
+    assert len(net.queries) == asked
+    clock.now += 3600  # past max stale
+    with pytest.raises(ResolveError) as info:
+        await r.plan(POOL)
+    assert info.value.status == 503
+
+
+@pytest.mark.asyncio
+async def test_stale_answer_is_not_used_when_the_dns_says_the_name_is_gone() -> None:
+    r, net, clock = resolver()
+    await r.plan(POOL)
+    del net.zone[POOL]
+    clock.now += 31
+    with pytest.raises(ResolveError) as info:
+        await r.plan(POOL)
+    assert "NXDOMAIN" in info.value.reason
+
+
+@pytest.mark.asyncio
+async def test_nxdomain_is_cached_for_the_soa_negative_ttl() -> None:
+    r, net, clock = resolver()
+    for _ in range(2):
+        with pytest.raises(ResolveError):
+            await r.plan("gone.contoso.com", port=5041)
+    assert net.queries.count(("gone.contoso.com", "A")) == 1
+    clock.now += 46
+    with pytest.raises(ResolveError):
+        await r.plan("gone.contoso.com", port=5041)
+    assert net.queries.count(("gone.contoso.com", "A")) == 2
+
+
+@pytest.mark.asyncio
+async def test_unreachable_dns_without_cache_is_a_resolve_error_naming_the_cause() -> None:
+    r, net, _ = resolver()
+    net.down = dns.resolver.LifetimeTimeout(timeout=1.0, errors=[])  # type: ignore[no-untyped-call]
+    with pytest.raises(ResolveError) as info:
+        await r.plan(POOL)
+    assert "DNS timeout" in info.value.reason
+    assert r.cached() == 0
+
+
+@pytest.mark.asyncio
+async def test_cache_is_bounded_least_recently_used_goes_first() -> None:
+    r, net, _ = resolver(cache_size=2)
+    net.zone.update({"h%d.contoso.com" % i: {"A": (300, ["192.0.2.%d" % i])} for i in range(4)})
+    for i in range(4):
+        await r.lookup("h%d.contoso.com" % i, "A")
+    assert r.cached() == 2 and r.stats.evictions == 2
+    asked = len(net.queries)
+    await r.lookup("h3.contoso.com", "A")
+    assert len(net.queries) == asked
+    await r.lookup("h0.contoso.com", "A")
+    assert len(net.queries) == asked + 1
+
+
+@pytest.mark.asyncio
+async def test_concurrent_lookups_of_one_name_share_one_query() -> None:
+    r, net, _ = resolver()
+    net.gate = asyncio.Event()
+    tasks = [asyncio.ensure_future(r.lookup(POOL, "A")) for _ in range(5)]
+    await asyncio.sleep(0)
+    net.gate.set()
+    results = await asyncio.gather(*tasks)
+    assert net.queries == [(POOL, "A")]
+    assert all(res.rdataset is results[0].rdataset for res in results)
+
+
+@pytest.mark.asyncio
+async def test_failed_target_goes_last_until_the_failure_is_forgotten() -> None:
+    r, _, clock = resolver(failure_ttl=30)
+    first = (await r.plan(POOL))[0]
+    r.mark_failed(first)
+    assert (await r.plan(POOL))[-1] == first
+    clock.now += 31
+    assert (await r.plan(POOL))[0] == first
+    r.mark_failed(first)
+    r.mark_succeeded(first)
+    assert (await r.plan(POOL))[0] == first
