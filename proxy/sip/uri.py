@@ -85,10 +85,10 @@ class SipUri:
         rest, qmark, headers = rest.partition("?")
         if qmark and not _HEADER_CHARS.match(headers):
             raise UriError("malformed URI headers")
-        hostport, _, paramtext = rest.partition(";")
+        hostport, semi, paramtext = rest.partition(";")
         host, port = _split_hostport(hostport)
         params: list[tuple[str, str | None]] = []
-        if paramtext:
+        if semi:  # a trailing ';' is an empty uri-parameter, which §25.1 refuses
             for item in paramtext.split(";"):
                 name, eq, value = item.partition("=")
                 if not _PARAM_CHARS.match(name) or (eq and not _PARAM_CHARS.match(value)):
