@@ -567,3 +567,22 @@ def test_response_matches_by_top_via_branch_and_cseq_method() -> None:
     assert response_key(other_branch) != txn.key
     assert response_key(no_branch) is None
     assert client_key("z9hG4bK-m1", "ACK") == txn.key
+
+
+def test_completed_invite_absorbs_a_late_provisional_and_reacks_a_final() -> None:
+    w = World()
+    w.client.start()
+    final = bytes(make_response(w.client.request, 486, to_tag="t"))
+    first = w.client.handle(ResponseReceived(486, final))
+    assert w.client.state is ClientState.COMPLETED
+    ack = next(a for a in first if isinstance(a, Send))
+    assert w.client.handle(ResponseReceived(180, b"")) == []
+    assert w.client.handle(ResponseReceived(486, final)) == [ack]
+
+
+def test_response_without_a_parsed_via_is_matched_from_its_header_or_not_at_all() -> None:
+    parsed = parse(response(via="SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK-m1"))
+    assert isinstance(parsed, Response)
+    parsed.via = None
+    assert response_key(parsed) == ("z9hG4bK-m1", "INVITE")
+    assert response_key(Response(status=200)) is None

@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+import dns.exception
 import dns.message
 import dns.name
 import dns.rcode
@@ -350,3 +351,40 @@ async def test_failed_target_goes_last_until_the_failure_is_forgotten() -> None:
     r.mark_failed(first)
     r.mark_succeeded(first)
     assert (await r.plan(POOL))[0] == first
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (dns.exception.Timeout(), "DNS timeout"),  # type: ignore[no-untyped-call]
+        (dns.name.EmptyLabel(), "DNS error (EmptyLabel)"),  # type: ignore[no-untyped-call]
+        (dns.resolver.NoAnswer(), "no records"),  # type: ignore[no-untyped-call]
+    ],
+)
+async def test_dnspython_exceptions_become_one_reason(error: Exception, reason: str) -> None:
+    r, net, _ = resolver()
+    net.down = error
+    with pytest.raises(ResolveError) as info:
+        await r.plan(POOL, port=5041)
+    assert reason in info.value.reason
+
+
+@pytest.mark.asyncio
+async def test_nxdomain_without_a_response_is_not_cached() -> None:
+    r, net, _ = resolver()
+    qname = dns.name.from_text(POOL)
+    net.down = dns.resolver.NXDOMAIN(qnames=[qname], responses={})  # type: ignore[no-untyped-call]
+    for _ in range(2):
+        with pytest.raises(ResolveError):
+            await r.plan(POOL, port=5041)
+    assert net.queries.count((POOL, "A")) == 2
+
+
+@pytest.mark.asyncio
+async def test_all_srv_targets_dot_is_a_resolve_error() -> None:
+    r, net, _ = resolver()
+    net.zone["_sips._tcp.none.contoso.com"] = {"SRV": (300, ["0 0 0 ."])}
+    with pytest.raises(ResolveError) as info:
+        await r.plan("none.contoso.com")
+    assert "no SRV target" in info.value.reason
