@@ -31,11 +31,11 @@ from proxy.sip.headers import Via, option_tags, param_value, split_commas
 from proxy.sip.message import Header, Request, Response, make_response, parse
 from proxy.sip.peer import Peer, Send
 from proxy.sip.transaction import (
-    AckReceived,
+    ACK_RECEIVED,
+    REQUEST_RETRANSMITTED,
     Action,
     InviteServerTransaction,
     NonInviteServerTransaction,
-    RequestRetransmitted,
     ResponseSent,
     ServerTransaction,
     StartTimer,
@@ -44,6 +44,7 @@ from proxy.sip.transaction import (
     Terminated,
     TimerFired,
     Timers,
+    is_rfc3261_branch,
     transaction_key,
 )
 from proxy.sip.uri import aor_key_of, parse_uri
@@ -69,6 +70,8 @@ class ElementConfig:
     max_headers: int = 128
 
 
+_BLANK = b"\r\n\t "
+
 #: The first Via of a datagram: sent-by and an RFC 3261 branch (§8.1.1.7).
 _ACK_VIA = re.compile(
     rb"\r\n(?:Via|v)[ \t]*:[ \t]*SIP/2\.0/[A-Za-z]+[ \t]+([^;, \t\r\n]+)"
@@ -83,25 +86,42 @@ class TimerQueue:
     Every timer of a given delay is due in the order it was armed, so a FIFO
     per delay (there are a handful: T1·2^n up to T2, 64·T1, T4) keeps arming,
     cancelling and expiring O(1).  Entries are keyed by (transaction, timer).
+
+    ``next_deadline()`` looks at every FIFO; ``earliest_armed()`` only says
+    how early the timers armed since the last of those calls are due, which
+    is all a shell whose own timer already covers the older ones needs.
     """
 
-    __slots__ = ("_queues", "_armed")
+    __slots__ = ("_queues", "_armed", "_earliest_new")
 
     def __init__(self) -> None:
         self._queues: dict[float, OrderedDict[tuple[object, str], float]] = {}
         self._armed: dict[tuple[object, str], float] = {}
+        self._earliest_new: float | None = None
 
     def __len__(self) -> int:
         return len(self._armed)
 
     def arm(self, owner: object, name: str, delay: float, now: float) -> None:
         entry = (owner, name)
-        self.cancel(owner, name)
+        armed = self._armed
+        old = armed.pop(entry, None)
+        if old is not None:
+            del self._queues[old][entry]
         queue = self._queues.get(delay)
         if queue is None:
             queue = self._queues[delay] = OrderedDict()
-        queue[entry] = now + delay
-        self._armed[entry] = delay
+        queue[entry] = at = now + delay
+        armed[entry] = delay
+        earliest = self._earliest_new
+        if earliest is None or at < earliest:
+            self._earliest_new = at
+
+    def earliest_armed(self) -> float | None:
+        """The earliest deadline armed since the last call or the last
+        ``next_deadline()`` (None if none was), then forget it."""
+        at, self._earliest_new = self._earliest_new, None
+        return at
 
     def cancel(self, owner: object, name: str) -> None:
         entry = (owner, name)
@@ -110,6 +130,7 @@ class TimerQueue:
             del self._queues[delay][entry]
 
     def next_deadline(self) -> float | None:
+        self._earliest_new = None
         best: float | None = None
         for queue in self._queues.values():
             if queue:
@@ -151,8 +172,8 @@ class Element:
         if data[:4] == b"ACK ":
             txn = self._ack_transaction(data)
             if txn is not None:
-                return self._run(txn, AckReceived(), now)
-        elif not data.strip(b"\r\n\t "):
+                return self._run(txn, ACK_RECEIVED, now)
+        elif data[:1] in _BLANK and not data.strip(_BLANK):
             return []  # keep-alive on a datagram transport (RFC 5626 §3.5.1)
         cfg = self.config
         try:
@@ -192,27 +213,27 @@ class Element:
 
     def _receive_request(self, req: Request, peer: Peer, now: float) -> list[Send]:
         via = req.via or req.top_via()
-        key = transaction_key(
-            req.method,
-            via.branch,
-            via.sent_by,
-            (
+        branch = via.branch
+        sent_by = via.sent_by
+        fallback: tuple[str, ...] = ()
+        if not is_rfc3261_branch(branch):
+            fallback = (
                 req.uri,
                 (req.from_addr.tag if req.from_addr else None) or "",
                 req.get("call-id") or "",
                 str(req.cseq.number if req.cseq else ""),
-                via.sent_by,
-            ),
-        )
+                sent_by,
+            )
+        key = transaction_key(req.method, branch, sent_by, fallback)
         txn = self.transactions.get(key)
         if req.method == "ACK":
             if txn is not None and isinstance(txn, InviteServerTransaction):
-                return self._run(txn, AckReceived(), now)
+                return self._run(txn, ACK_RECEIVED, now)
             self.counters["ack_absorbed"] += 1
             return []  # an ACK to a 2xx is end to end; we never send a 2xx to INVITE
         if txn is not None:
             self.counters["retransmissions"] += 1
-            return self._run(txn, RequestRetransmitted(), now)
+            return self._run(txn, REQUEST_RETRANSMITTED, now)
 
         dest = response_peer(via, peer)
         txn_cls = InviteServerTransaction if req.method == "INVITE" else NonInviteServerTransaction
@@ -394,6 +415,12 @@ class Element:
     def next_deadline(self) -> float | None:
         return self.timers.next_deadline()
 
+    def earliest_armed(self) -> float | None:
+        """The earliest deadline of the timers armed since the last call or
+        the last ``next_deadline()``: a shell whose timer is due no later
+        need not ask ``next_deadline()`` after every message."""
+        return self.timers.earliest_armed()
+
     def handle_timers(self, now: float) -> list[Send]:
         out: list[Send] = []
         for owner, name in self.timers.pop_due(now):
@@ -411,12 +438,14 @@ def response_peer(via: Via, peer: Peer) -> Peer:
     """Where responses to this request go (RFC 3261 §18.2.2, RFC 3581 §4)."""
     if peer.reliable:
         return peer
-    maddr = via.param("maddr")
+    params = via.params
+    maddr = param_value(params, "maddr")
     if maddr:
         return Peer("udp", maddr.strip("[]"), via.port or 5060, peer.listener)
-    if via.param("rport") is not None:
-        return peer
-    return Peer("udp", peer.host, via.port or 5060, peer.listener)
+    port = via.port or 5060
+    if port == peer.port or param_value(params, "rport") is not None:
+        return peer  # the source address itself
+    return Peer("udp", peer.host, port, peer.listener)
 
 
 def _sent_by_only(req: Request) -> Via | None:

@@ -173,7 +173,9 @@ class Server:
         loop = transports.loop
         for action in element.receive(data, peer, loop.time()):
             transports.send(action)
-        at = element.next_deadline()
+        # the armed timer already covers every older deadline: only a timer
+        # armed by this message can be due earlier
+        at = element.earliest_armed()
         if at is not None and (self._timer_at is None or at < self._timer_at):
             self._arm(at)
 

@@ -434,12 +434,15 @@ def make_response(
     if via is not None:
         lines += [h.raw for h in via]
         keys += ["via"] * len(via)
+    copied = _COPIED_100 if status == 100 else _COPIED  # §8.2.6.1: Timestamp in a 100
+    tag = to_tag if status != 100 else None
     for key, raw in zip(request.keys, request.lines, strict=True):
-        if key in _COPIED or (key == "timestamp" and status == 100):  # §8.2.6.1
-            if key == "to" and to_tag is not None and status != 100 and not _has_tag(request, raw):
-                raw += ";tag=" + to_tag
-            elif key == "via" and via is not None:
-                continue
+        if key in copied:
+            if key == "via":
+                if via is not None:
+                    continue
+            elif key == "to" and tag is not None and not _has_tag(request, raw):
+                raw += ";tag=" + tag
             lines.append(raw)
             keys.append(key)
     for h in extra or ():
@@ -457,6 +460,7 @@ def make_response(
 
 
 _COPIED = frozenset(("via", "from", "to", "call-id", "cseq"))
+_COPIED_100 = _COPIED | {"timestamp"}
 
 
 def _has_tag(request: Request, value: str) -> bool:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from proxy.sip.errors import SipError
 from proxy.sip.peer import Peer, Send
@@ -109,6 +109,27 @@ class Terminated:
 
 
 Action = Send | StartTimer | StopTimer | Terminated
+
+#: Events and actions that carry nothing of one transaction are frozen, so one
+#: instance of each serves them all; building them per message was measurable.
+REQUEST_RETRANSMITTED = RequestRetransmitted()
+ACK_RECEIVED = AckReceived()
+_STOP_G = StopTimer("G")
+_STOP_H = StopTimer("H")
+_start_timers: dict[tuple[str, float], StartTimer] = {}
+
+
+def start_timer(name: str, delay: float) -> StartTimer:
+    """``StartTimer(name, delay)``, one instance per pair: the delays are the
+    configured T1, T2, T4 and their multiples (§17.2, table 4), a handful."""
+    action = _start_timers.get((name, delay))
+    if action is None:
+        action = StartTimer(name, delay)
+        if len(_start_timers) < 256:
+            _start_timers[name, delay] = action
+    return action
+
+
 #: A transition: (machine, event) -> actions; the machine is typed loosely
 #: because subclasses add their own handlers to the table.
 Handler = Callable[[Any, Event], list[Action]]
@@ -175,23 +196,23 @@ class InviteServerTransaction(ServerTransaction):
         self.state = State.COMPLETED
         t = self.timers
         if self.peer.reliable:
-            return [send, StartTimer("H", 64 * t.t1)]
+            return [send, start_timer("H", 64 * t.t1)]
         self._g_interval = t.t1
-        return [send, StartTimer("G", t.t1), StartTimer("H", 64 * t.t1)]
+        return [send, start_timer("G", t.t1), start_timer("H", 64 * t.t1)]
 
     def _timer_g(self, event: Event) -> list[Action]:
         assert isinstance(event, TimerFired)
         if event.name != "G":
             return self._terminate(event)
         self._g_interval = min(2 * self._g_interval, self.timers.t2)
-        return [Send(self.last_response or b"", self.peer), StartTimer("G", self._g_interval)]
+        return [Send(self.last_response or b"", self.peer), start_timer("G", self._g_interval)]
 
     def _ack(self, event: Event) -> list[Action]:
         self.state = State.CONFIRMED
         if self.peer.reliable:
             self.state = State.TERMINATED
-            return [StopTimer("H"), Terminated("ACK received")]
-        return [StopTimer("G"), StopTimer("H"), StartTimer("I", self.timers.t4)]
+            return [_STOP_H, Terminated("ACK received")]
+        return [_STOP_G, _STOP_H, start_timer("I", self.timers.t4)]
 
     TRANSITIONS: dict[tuple[State, type], Handler] = {
         (State.PROCEEDING, RequestRetransmitted): ServerTransaction._resend,
@@ -224,7 +245,7 @@ class NonInviteServerTransaction(ServerTransaction):
             self.state = State.TERMINATED
             return [send, Terminated("final response sent")]
         self.state = State.COMPLETED
-        return [send, StartTimer("J", 64 * self.timers.t1)]
+        return [send, start_timer("J", 64 * self.timers.t1)]
 
     TRANSITIONS: dict[tuple[State, type], Handler] = {
         (State.TRYING, RequestRetransmitted): ServerTransaction._absorb,
@@ -246,10 +267,17 @@ def transaction_key(
 
     With an RFC 3261 branch (magic cookie) the key is branch, sent-by and
     method, ACK matching INVITE; otherwise the RFC 2543 fields given as
-    ``fallback`` (Request-URI, From tag, Call-ID, CSeq number, top Via).
+    ``fallback`` (Request-URI, From tag, Call-ID, CSeq number, top Via),
+    which a caller holding an RFC 3261 branch may leave empty.
     """
     if method == "ACK":
         method = "INVITE"
-    if branch is not None and branch.startswith("z9hG4bK"):
+    if is_rfc3261_branch(branch):
         return (branch, sent_by.lower(), method)
     return ("2543", method, *fallback)
+
+
+def is_rfc3261_branch(branch: str | None) -> TypeGuard[str]:
+    """A branch with the magic cookie is unique across space and time
+    (RFC 3261 §8.1.1.7), so it alone identifies the transaction."""
+    return branch is not None and branch.startswith("z9hG4bK")

@@ -27,11 +27,17 @@ UDP_BUFFER = 4 * 1024 * 1024
 log = structlog.get_logger("transport")
 
 
+#: Source addresses whose ``Peer`` a UDP listener keeps: a busy Front End
+#: sends from a few, and building a Peer per datagram was measurable.
+PEER_CACHE = 1024
+
+
 class UdpListener(asyncio.DatagramProtocol):
     def __init__(self, index: int, deliver: Deliver) -> None:
         self.index = index
         self.deliver = deliver
         self.transport: asyncio.DatagramTransport | None = None
+        self._peers: dict[tuple[Any, ...], Peer] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's UDPTransport
@@ -44,7 +50,12 @@ class UdpListener(asyncio.DatagramProtocol):
                     pass
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        self.deliver(data, Peer("udp", addr[0], addr[1], self.index))
+        peer = self._peers.get(addr)
+        if peer is None:
+            if len(self._peers) >= PEER_CACHE:
+                self._peers.clear()
+            peer = self._peers[addr] = Peer("udp", addr[0], addr[1], self.index)
+        self.deliver(data, peer)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("udp_error", error=str(exc))
