@@ -274,6 +274,19 @@ _NAME_ADDR_FAST = re.compile(
 )
 
 
+#: Parsed values that recur across calls, keyed by the value as written: a
+#: name-addr without parameters (the To of every request for the chat URI,
+#: before a dialog gives it a tag) and CSeq.  Bounded like ``uri._uri_cache``.
+_recurring: dict[str, NameAddr | CSeq] = {}
+_RECURRING_MAX = 1024
+
+
+def _remember(value: str, parsed: NameAddr | CSeq) -> None:
+    if len(_recurring) >= _RECURRING_MAX:
+        _recurring.clear()
+    _recurring[value] = parsed
+
+
 class NameAddr(NamedTuple):
     """From, To, Contact, Route values: ``"Name" <uri>;tag=x`` (§20.10, §25.1)."""
 
@@ -284,6 +297,9 @@ class NameAddr(NamedTuple):
 
     @classmethod
     def parse(cls, value: str) -> NameAddr:
+        known = _recurring.get(value)
+        if type(known) is NameAddr:
+            return known
         m = _NAME_ADDR_FAST.match(value)
         if m is not None:
             quoted, tokens, simple, uri, paramtext = m.groups()
@@ -296,7 +312,10 @@ class NameAddr(NamedTuple):
                 name, eq, pvalue = item.partition("=")
                 params.append((name.lower(), pvalue if eq else None))
             display = '"%s"' % quoted if quoted is not None else (tokens or None)
-            return cls(display, uri, params, True)
+            addr = cls(display, uri, params, True)
+            if not params:
+                _remember(value, addr)
+            return addr
         return cls._parse_general(value)
 
     @classmethod
@@ -367,6 +386,9 @@ class CSeq(NamedTuple):
 
     @classmethod
     def parse(cls, value: str) -> CSeq:
+        known = _recurring.get(value)
+        if type(known) is CSeq:
+            return known
         parts = value.split()
         if len(parts) != 2 or not parts[0].isdigit() or not parts[0].isascii():
             raise ParseError("malformed CSeq %r" % value[:40])
@@ -375,7 +397,9 @@ class CSeq(NamedTuple):
             raise ParseError("CSeq number out of range")
         if method not in _METHODS and not _TOKEN.match(method):
             raise ParseError("malformed CSeq method")
-        return cls(n, method)
+        cseq = cls(n, method)
+        _remember(value, cseq)
+        return cseq
 
 
 #: Methods every SIP element meets (RFC 3261 §27.4 and extensions): tokens
