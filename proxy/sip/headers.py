@@ -410,8 +410,17 @@ _METHODS = frozenset(
 )
 
 
+#: Decimal texts of 0..255 and their values, looked up before any parsing:
+#: every Max-Forwards (70 is the §8.1.1.6 default) and the Content-Length 0 of
+#: ACK, BYE, CANCEL and most requests without a body are among them.
+_SMALL_UINTS = {str(n): n for n in range(256)}
+
+
 def parse_uint(value: str, what: str, limit: int) -> int:
     """A decimal field such as Max-Forwards or Expires, bounded by ``limit``."""
+    n = _SMALL_UINTS.get(value)
+    if n is not None and n <= limit:
+        return n
     value = value.strip(_LWS)
     if not value.isdigit() or not value.isascii() or len(value) > 10 or int(value) > limit:
         raise ParseError("%s: %r is not a number up to %d" % (what, value[:20], limit))
