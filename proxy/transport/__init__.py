@@ -73,6 +73,7 @@ class StreamConnection(asyncio.Protocol):
         self.host = ""
         self.port = 0
         self.last_active = 0.0
+        self.peer: Peer | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -91,7 +92,9 @@ class StreamConnection(asyncio.Protocol):
             assert self.transport is not None
             self.transport.close()
             return
-        peer = Peer("tcp", self.host, self.port, self.listener, self.conn_id)
+        peer = self.peer
+        if peer is None:  # one per connection: its address and id never change
+            peer = self.peer = Peer("tcp", self.host, self.port, self.listener, self.conn_id)
         for ev in events:
             if isinstance(ev, KeepAlivePing):
                 assert self.transport is not None
