@@ -374,28 +374,28 @@ def _validate(msg: Message, body: bytes, stream: bool) -> None:
     """Checks every element makes before acting on a message (§8.2, §16.3),
     and the body framing; fills in the parsed fields of ``msg``."""
     keys, lines = msg.keys, msg.lines
-    # the first line of each header: built backwards so the first one wins
-    first = dict(zip(reversed(keys), reversed(lines), strict=True))
-    if len(first) != len(keys):
+    present = set(keys)
+    if len(present) != len(keys):
         _check_single(keys, lines)
-    if not first.keys() >= _REQUIRED_SET:
-        raise ParseError("missing %s" % ", ".join(k for k in _REQUIRED if k not in first))
-    cl = first.get("content-length")
-    msg.body = _frame_body(msg, body, stream, line_value(cl) if cl is not None else None)
-    via = line_value(first["via"])
+    if not present >= _REQUIRED_SET:
+        raise ParseError("missing %s" % ", ".join(k for k in _REQUIRED if k not in present))
+    first = keys.index  # the first line of a header
+    cl = line_value(lines[first("content-length")]) if "content-length" in present else None
+    msg.body = _frame_body(msg, body, stream, cl)
+    via = line_value(lines[first("via")])
     msg.via = Via.parse(split_commas(via)[0] if "," in via else via)
-    msg.cseq = cseq = CSeq.parse(line_value(first["cseq"]))
-    call_id = line_value(first["call-id"])
+    msg.cseq = cseq = CSeq.parse(line_value(lines[first("cseq")]))
+    call_id = line_value(lines[first("call-id")])
     if not call_id or " " in call_id or "\t" in call_id:
         raise ParseError("malformed Call-ID")
-    msg.from_addr = NameAddr.parse(line_value(first["from"]))
-    msg.to_addr = NameAddr.parse(line_value(first["to"]))
+    msg.from_addr = NameAddr.parse(line_value(lines[first("from")]))
+    msg.to_addr = NameAddr.parse(line_value(lines[first("to")]))
     if isinstance(msg, Request):
         if cseq.method != msg.method:
             raise ParseError("CSeq method %r does not match %r" % (cseq.method, msg.method))
-        mf = first.get("max-forwards")
-        if mf is not None:
-            msg.max_forwards = parse_uint(line_value(mf), "Max-Forwards", 255)
+        if "max-forwards" in present:
+            mf = line_value(lines[first("max-forwards")])
+            msg.max_forwards = parse_uint(mf, "Max-Forwards", 255)
 
 
 def _check_single(keys: list[str], lines: list[str]) -> None:
