@@ -70,6 +70,7 @@ class ElementConfig:
     max_headers: int = 128
 
 
+#: What a keep-alive datagram is made of (RFC 5626 §3.5.1).
 _BLANK = b"\r\n\t "
 
 #: The first Via of a datagram: sent-by and an RFC 3261 branch (§8.1.1.7).

@@ -270,6 +270,22 @@ def test_302_over_udp_is_retransmitted_at_t1_and_3t1_until_the_ack() -> None:
     assert element.next_deadline() is None
 
 
+def test_earliest_armed_reports_only_timers_armed_since_it_was_last_asked() -> None:
+    element = make_element()
+    assert element.earliest_armed() is None
+    invite = request()
+    resp = answer(element, invite, now=0.0)
+    assert element.earliest_armed() == T1  # G before H
+    assert element.earliest_armed() is None  # nothing new since
+    answer(element, request(branch="z9hG4bK-other"), now=1.0)
+    assert element.earliest_armed() == 1.0 + T1
+    element.receive(ack_for(invite, resp), UDP_PEER, 2.0)
+    assert element.earliest_armed() == 2.0 + TIMERS.t4  # Timer I
+    answer(element, request(branch="z9hG4bK-third"), now=3.0)
+    assert element.next_deadline() == 1.0 + T1
+    assert element.earliest_armed() is None  # next_deadline() saw everything
+
+
 def test_302_without_ack_is_given_up_at_timer_h() -> None:
     element = make_element()
     resp = answer(element, request(), now=0.0)
