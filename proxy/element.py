@@ -24,6 +24,7 @@ import os
 import re
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
+from operator import itemgetter
 
 from proxy import routing
 from proxy.sip.errors import SipError, UriError
@@ -42,9 +43,9 @@ from proxy.sip.transaction import (
     State,
     StopTimer,
     Terminated,
-    TimerFired,
     Timers,
     is_rfc3261_branch,
+    timer_fired,
     transaction_key,
 )
 from proxy.sip.uri import aor_key_of, parse_uri
@@ -150,7 +151,7 @@ class TimerQueue:
                 del queue[entry]
                 del self._armed[entry]
                 due.append((at, entry))
-        due.sort(key=lambda item: item[0])
+        due.sort(key=itemgetter(0))
         return [entry for _, entry in due]
 
 
@@ -427,7 +428,7 @@ class Element:
         for owner, name in self.timers.pop_due(now):
             txn = self.transactions.get(owner)  # type: ignore[call-overload]
             if txn is not None:
-                out.extend(self._run(txn, TimerFired(name), now))
+                out.extend(self._run(txn, timer_fired(name), now))
         return out
 
     def _new_tag(self) -> str:

@@ -116,7 +116,19 @@ REQUEST_RETRANSMITTED = RequestRetransmitted()
 ACK_RECEIVED = AckReceived()
 _STOP_G = StopTimer("G")
 _STOP_H = StopTimer("H")
+_TIMERS_FIRED = {name: TimerFired(name) for name in "GHIJ"}
+_DONE = Terminated("done")
+_NO_ACK = Terminated("no ACK (Timer H)")
+_TRANSPORT_ERROR = Terminated("transport error")
+_ACKED = Terminated("ACK received")
+_2XX_SENT = Terminated("2xx sent")
+_FINAL_SENT = Terminated("final response sent")
 _start_timers: dict[tuple[str, float], StartTimer] = {}
+
+
+def timer_fired(name: str) -> TimerFired:
+    """``TimerFired(name)``, one instance per server timer (G, H, I, J)."""
+    return _TIMERS_FIRED.get(name) or TimerFired(name)
 
 
 def start_timer(name: str, delay: float) -> StartTimer:
@@ -172,10 +184,11 @@ class ServerTransaction:
 
     def _terminate(self, event: Event) -> list[Action]:
         self.state = State.TERMINATED
-        reason = "transport error" if isinstance(event, TransportFailed) else "done"
+        if isinstance(event, TransportFailed):
+            return [_TRANSPORT_ERROR]
         if isinstance(event, TimerFired) and event.name == "H":
-            reason = "no ACK (Timer H)"
-        return [Terminated(reason)]
+            return [_NO_ACK]
+        return [_DONE]
 
 
 class InviteServerTransaction(ServerTransaction):
@@ -192,7 +205,7 @@ class InviteServerTransaction(ServerTransaction):
             return [send]
         if event.status < 300:
             self.state = State.TERMINATED
-            return [send, Terminated("2xx sent")]
+            return [send, _2XX_SENT]
         self.state = State.COMPLETED
         t = self.timers
         if self.peer.reliable:
@@ -211,7 +224,7 @@ class InviteServerTransaction(ServerTransaction):
         self.state = State.CONFIRMED
         if self.peer.reliable:
             self.state = State.TERMINATED
-            return [_STOP_H, Terminated("ACK received")]
+            return [_STOP_H, _ACKED]
         return [_STOP_G, _STOP_H, start_timer("I", self.timers.t4)]
 
     TRANSITIONS: dict[tuple[State, type], Handler] = {
@@ -243,7 +256,7 @@ class NonInviteServerTransaction(ServerTransaction):
             return [send]
         if self.peer.reliable:
             self.state = State.TERMINATED
-            return [send, Terminated("final response sent")]
+            return [send, _FINAL_SENT]
         self.state = State.COMPLETED
         return [send, start_timer("J", 64 * self.timers.t1)]
 
