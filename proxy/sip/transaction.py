@@ -222,6 +222,9 @@ class InviteServerTransaction(ServerTransaction):
 
     def _ack(self, event: Event) -> list[Action]:
         self.state = State.CONFIRMED
+        # CONFIRMED only absorbs (§17.2.1): the response is not sent again, and
+        # every call keeps its transaction for T4 after the ACK
+        self.last_response = None
         if self.peer.reliable:
             self.state = State.TERMINATED
             return [_STOP_H, _ACKED]
