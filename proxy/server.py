@@ -140,6 +140,11 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         log.info("ready", listen=self.transports.bound, mode=self.settings.server.mode)
+        if self.settings.server.mode == "proxy":
+            log.warning(
+                "proxy_mode_unavailable",
+                detail="this release redirects every endpoint (302 to its pool)",
+            )
         await self._stop.wait()
 
         log.info("draining", timeout=self.settings.server.drain_timeout)
