@@ -67,12 +67,18 @@ def split_commas(value: str) -> list[str]:
     and ``<...>`` (a URI may hold commas inside angle brackets)."""
     if "," not in value:
         return [value.strip(_LWS)]
+    return [part.strip(_LWS) for part in _split_outside_quotes(value, ",", angle=True)]
+
+
+def _split_outside_quotes(text: str, sep: str, *, angle: bool) -> list[str]:
+    """Split ``text`` at ``sep`` except inside quoted strings (with their
+    quoted-pairs, §25.1) and, when ``angle``, inside ``<...>``."""
     parts: list[str] = []
     start = 0
-    quoted = angle = False
-    i, n = 0, len(value)
+    quoted = in_angle = False
+    i, n = 0, len(text)
     while i < n:
-        ch = value[i]
+        ch = text[i]
         if quoted:
             if ch == "\\":
                 i += 1
@@ -80,17 +86,17 @@ def split_commas(value: str) -> list[str]:
                 quoted = False
         elif ch == '"':
             quoted = True
-        elif ch == "<":
-            angle = True
-        elif ch == ">":
-            angle = False
-        elif ch == "," and not angle:
-            parts.append(value[start:i].strip(_LWS))
+        elif angle and ch == "<":
+            in_angle = True
+        elif angle and ch == ">":
+            in_angle = False
+        elif ch == sep and not in_angle:
+            parts.append(text[start:i])
             start = i + 1
         i += 1
     if quoted:
-        raise ParseError("unbalanced quotes in %r" % value[:80])
-    parts.append(value[start:].strip(_LWS))
+        raise ParseError("unbalanced quotes in %r" % text[:80])
+    parts.append(text[start:])
     return parts
 
 
@@ -103,7 +109,7 @@ def parse_params(text: str) -> list[tuple[str, str | None]]:
     if not text:
         return params
     if '"' in text:
-        items = _split_params_quoted(text)
+        items = _split_outside_quotes(text, ";", angle=False)
     else:
         items = text.split(";")
     for item in items[1:] if items and not items[0].strip(_LWS) else items:
@@ -121,28 +127,6 @@ def parse_params(text: str) -> list[tuple[str, str | None]]:
         else:
             params.append((name.lower(), None))
     return params
-
-
-def _split_params_quoted(text: str) -> list[str]:
-    items: list[str] = []
-    start, quoted, i = 0, False, 0
-    while i < len(text):
-        ch = text[i]
-        if quoted:
-            if ch == "\\":
-                i += 1
-            elif ch == '"':
-                quoted = False
-        elif ch == '"':
-            quoted = True
-        elif ch == ";":
-            items.append(text[start:i])
-            start = i + 1
-        i += 1
-    if quoted:
-        raise ParseError("unbalanced quotes in parameters")
-    items.append(text[start:])
-    return items
 
 
 def _check_quoted(text: str) -> int:
