@@ -176,7 +176,14 @@ class Server:
         transports = self.transports
         assert element is not None and transports is not None
         loop = transports.loop
-        for action in element.receive(data, peer, loop.time()):
+        try:
+            actions = element.receive(data, peer, loop.time())
+        except Exception:  # the core answers every input; a bug must not stop the service
+            log.exception(
+                "internal_error", peer="%s:%s:%d" % (peer.transport, peer.host, peer.port)
+            )
+            return
+        for action in actions:
             transports.send(action)
         # the armed timer already covers every older deadline: only a timer
         # armed by this message can be due earlier
