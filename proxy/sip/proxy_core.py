@@ -167,7 +167,10 @@ def validate_request(
 def _check_loop(req: Request, secret: bytes, is_my_via: Callable[[Via], bool]) -> None:
     vias = req.get_all("via")
     for index, value in enumerate(vias[:-1]):
-        via = Via.parse(value)
+        try:
+            via = Via.parse(value)
+        except SipError:
+            continue  # another hop's Via: not ours, and not ours to judge
         if not is_my_via(via):
             continue
         received = _loop_part_of(via.branch)

@@ -294,6 +294,17 @@ def test_loop_check_needs_our_sent_by_and_our_secret():
     validate_request(back, secret=b"another", is_my_via=is_my_via)
 
 
+def test_loop_check_skips_a_malformed_via_of_another_hop():
+    data = invite().replace(
+        b"Via: SIP/2.0/TLS fe.contoso.com",
+        b"Via: SIP/2.0/TLS edge.contoso.com;branch=z9hG4bKe1\r\nVia: SIP/2.0 fe.contoso.com",
+    )
+    req = req_of(data)
+    with pytest.raises(SipError):
+        Via.parse(req.get_all("via")[1])
+    validate_request(req, secret=SECRET, is_my_via=is_my_via)
+
+
 # §16.4 --------------------------------------------------------------------------------
 def test_loose_route_naming_us_is_popped():
     data = invite("Route: <sip:%s:5061;lr>, <sip:next.contoso.com;lr>" % ME)
