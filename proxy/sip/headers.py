@@ -75,8 +75,20 @@ def _split_outside_quotes(text: str, sep: str, *, angle: bool) -> list[str]:
     quoted-pairs, §25.1) and, when ``angle``, inside ``<...>``."""
     parts: list[str] = []
     start = 0
+    for i in separator_offsets(text, sep, angle=angle):
+        parts.append(text[start:i])
+        start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
+def separator_offsets(text: str, sep: str, *, angle: bool, start: int = 0) -> list[int]:
+    """Offsets of ``sep`` in ``text`` from ``start``, outside quoted strings
+    and, when ``angle``, outside ``<...>`` (§7.3.1, §25.1); raises
+    ``ParseError`` for an unterminated quoted string."""
+    offsets: list[int] = []
     quoted = in_angle = False
-    i, n = 0, len(text)
+    i, n = start, len(text)
     while i < n:
         ch = text[i]
         if quoted:
@@ -91,13 +103,11 @@ def _split_outside_quotes(text: str, sep: str, *, angle: bool) -> list[str]:
         elif angle and ch == ">":
             in_angle = False
         elif ch == sep and not in_angle:
-            parts.append(text[start:i])
-            start = i + 1
+            offsets.append(i)
         i += 1
     if quoted:
         raise ParseError("unbalanced quotes in %r" % text[:80])
-    parts.append(text[start:])
-    return parts
+    return offsets
 
 
 def parse_params(text: str) -> list[tuple[str, str | None]]:

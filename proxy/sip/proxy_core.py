@@ -47,6 +47,7 @@ from proxy.sip.headers import (
     NameAddr,
     Via,
     option_tags,
+    separator_offsets,
     split_commas,
 )
 from proxy.sip.message import Header, Request, Response, line_value, parse
@@ -487,26 +488,7 @@ def make_cancel(forwarded_invite_bytes: bytes) -> bytes:
 def _top_level_commas(raw: str) -> list[int]:
     """Offsets in a raw header line of the commas that separate values
     (§7.3.1), outside quoted strings and ``<...>``."""
-    commas: list[int] = []
-    quoted = angle = False
-    i = raw.index(":") + 1
-    while i < len(raw):
-        ch = raw[i]
-        if quoted:
-            if ch == "\\":
-                i += 1
-            elif ch == '"':
-                quoted = False
-        elif ch == '"':
-            quoted = True
-        elif ch == "<":
-            angle = True
-        elif ch == ">":
-            angle = False
-        elif ch == "," and not angle:
-            commas.append(i)
-        i += 1
-    return commas
+    return separator_offsets(raw, ",", angle=True, start=raw.index(":") + 1)
 
 
 def _drop_first_value(raw: str) -> str:
