@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from tabulate import tabulate
 
 from proxy import __version__
-from proxy.config import ConfigError, ListenAddress, describe, load_settings
+from proxy.config import ConfigError, DnsSettings, ListenAddress, describe, load_settings
 from proxy.log import configure as configure_logging
 from proxy.server import serve
 from proxy.sip.errors import UriError
@@ -190,6 +190,14 @@ def main() -> None:
     help="Default for endpoints that do not set a mode (replaces [server] mode).",
 )
 @click.option(
+    "--nameserver",
+    "nameservers",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="DNS server that locates pools (repeatable; replaces [dns] nameservers). "
+    "Default: /etc/resolv.conf.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     help="JSON log lines on stdout at this level (replaces [log] level).",
@@ -198,6 +206,7 @@ def main() -> None:
 def serve_command(
     listen: tuple[str, ...],
     mode: str | None,
+    nameservers: tuple[str, ...],
     log_level: str | None,
     config: Path | None,
     db: Path | None,
@@ -223,7 +232,15 @@ def serve_command(
     server = settings.server.model_copy(update=overrides)
     table = settings.table.model_copy(update={"path": db}) if db is not None else settings.table
     logs = settings.log.model_copy(update={"level": log_level}) if log_level else settings.log
-    settings = settings.model_copy(update={"server": server, "table": table, "log": logs})
+    dns = settings.dns
+    if nameservers:
+        try:
+            dns = DnsSettings.model_validate({**dns.model_dump(), "nameservers": list(nameservers)})
+        except ValidationError as exc:
+            raise _BadInput("--nameserver %s" % describe(exc)) from None
+    settings = settings.model_copy(
+        update={"server": server, "table": table, "log": logs, "dns": dns}
+    )
     EndpointStore(settings.table.path).close()  # fails here, with one line, if unusable
     configure_logging(settings.log.level)
     code = serve(settings)

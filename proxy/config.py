@@ -13,7 +13,9 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from proxy.tls import TlsSettings
 
 Transport = Literal["udp", "tcp", "tls"]
 Mode = Literal["redirect", "proxy"]
@@ -73,7 +75,7 @@ class ServerSettings(BaseModel):
     listen: list[ListenAddress] = Field(
         default_factory=lambda: [ListenAddress.parse(v) for v in DEFAULT_LISTEN], min_length=1
     )
-    mode: Mode = "redirect"
+    mode: Mode = "proxy"
     server_name: str = "pcproxy.invalid"
     drain_timeout: Annotated[float, Field(ge=0.0, le=300.0)] = 5.0
 
@@ -105,6 +107,60 @@ class SipSettings(BaseModel):
     tcp_idle_timeout: Annotated[float, Field(gt=0.0)] = 600.0
 
 
+class ProxySettings(BaseModel):
+    """Stateful proxy mode (RFC 3261 §16) and failover (RFC 3263 §4.3)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    record_route: bool = True
+    target_timeout: Annotated[float, Field(gt=0.0, le=60.0)] = 2.0
+    failure_ttl: Annotated[float, Field(ge=0.0, le=3600.0)] = 30.0
+    default_port: Annotated[int, Field(ge=1, le=65535)] = 5041
+    default_transport: Transport = "tls"
+    retry_after: Annotated[int, Field(ge=0, le=3600)] = 5
+    secret_file: Path | None = None
+
+
+def parse_nameserver(text: str) -> tuple[str, int]:
+    """``HOST`` or ``HOST:PORT`` (IPv6 in brackets) -> (address, port)."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError("%r: nameserver must be an IP address, got %r" % (text, host)) from None
+    if port and (not port.isdigit() or not 0 < int(port) < 65536):
+        raise ValueError("%r: port must be 1-65535, got %r" % (text, port))
+    return host, int(port) if port else 53
+
+
+class DnsSettings(BaseModel):
+    """The resolver that finds pool servers (RFC 3263, RFC 2782, RFC 8767)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    nameservers: list[str] = Field(default_factory=list)
+    timeout: Annotated[float, Field(gt=0.0, le=30.0)] = 2.0
+    lifetime: Annotated[float, Field(gt=0.0, le=60.0)] = 4.0
+    cache_size: Annotated[int, Field(ge=16, le=1 << 20)] = 1024
+    max_stale: Annotated[float, Field(ge=0.0)] = 86400.0
+
+    @field_validator("nameservers")
+    @classmethod
+    def _valid_nameservers(cls, value: list[str]) -> list[str]:
+        for text in value:
+            parse_nameserver(text)
+        return value
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        return [parse_nameserver(text) for text in self.nameservers]
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -112,6 +168,9 @@ class Settings(BaseModel):
     table: TableSettings = Field(default_factory=TableSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     sip: SipSettings = Field(default_factory=SipSettings)
+    proxy: ProxySettings = Field(default_factory=ProxySettings)
+    dns: DnsSettings = Field(default_factory=DnsSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
 
 
 def load_settings(path: Path | None) -> Settings:

@@ -23,14 +23,41 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from operator import itemgetter
+from typing import NamedTuple
 
 from proxy import routing
+from proxy.resolve import Target, is_address
+from proxy.sip.client_transaction import (
+    ClientState,
+    ClientTransaction,
+    Deliver,
+    InviteClientTransaction,
+    NonInviteClientTransaction,
+    ResponseReceived,
+    TimedOut,
+    Unreachable,
+    client_key,
+    response_key,
+)
 from proxy.sip.errors import SipError, UriError
-from proxy.sip.headers import Via, option_tags, param_value, split_commas
+from proxy.sip.headers import NameAddr, Via, option_tags, param_value, split_commas
 from proxy.sip.message import Header, Request, Response, make_response, parse
 from proxy.sip.peer import Peer, Send
+from proxy.sip.proxy_core import (
+    ProxyRejection,
+    branch_for,
+    choose_best,
+    forward,
+    make_cancel,
+    preprocess_route,
+    stateless_unique,
+    strip_own_via,
+    validate_request,
+)
+from proxy.sip.route_token import TOWARD_CLIENT, RouteTokens
 from proxy.sip.transaction import (
     ACK_RECEIVED,
     REQUEST_RETRANSMITTED,
@@ -43,7 +70,10 @@ from proxy.sip.transaction import (
     State,
     StopTimer,
     Terminated,
+    TimerFired,
     Timers,
+    TransactionError,
+    TransportFailed,
     is_rfc3261_branch,
     timer_fired,
     transaction_key,
@@ -60,6 +90,12 @@ DIAG_NOT_FOUND = 52001
 DIAG_NOT_REGISTRAR = 52002
 DIAG_NO_DIALOG = 52003
 DIAG_BAD_REQUEST = 52004
+DIAG_POOL_UNREACHABLE = 52005
+DIAG_FORGED_ROUTE = 52006
+
+#: Requests that may create a dialog: pcproxy Record-Routes them (§16.6 step 4)
+#: so the dialog's INFO, UPDATE and BYE come back through it.
+DIALOG_CREATING = frozenset(("INVITE", "SUBSCRIBE", "REFER", "NOTIFY"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +105,127 @@ class ElementConfig:
     timers: Timers = Timers()
     max_message_size: int = 65535
     max_headers: int = 128
+    record_route: bool = True
+    #: Seconds one pool target may stay silent before the next is tried.
+    target_timeout: float = 2.0
+    #: §16.8: more than three minutes.
+    timer_c: float = 181.0
+    #: Key of the loop-detection hash (§16.6 step 8) and the Record-Route
+    #: tokens; workers of one service share it.
+    secret: bytes = field(default_factory=lambda: os.urandom(32))
+    retry_after: int = 5
+
+
+class Listener(NamedTuple):
+    """One bound socket as the element sees it: what goes in Via and
+    Record-Route (``index`` is the transport layer's listener number)."""
+
+    transport: str
+    host: str
+    port: int
+    number: int
+
+    @property
+    def hostport(self) -> str:
+        return (
+            "[%s]:%d" % (self.host, self.port)
+            if ":" in self.host
+            else "%s:%d"
+            % (
+                self.host,
+                self.port,
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Resolve:
+    """Action: find the targets of ``host`` (RFC 3263) and hand them to
+    ``Element.targets_ready(ref, ...)`` or ``Element.resolve_failed(ref, ...)``."""
+
+    ref: int
+    host: str
+    port: int | None
+    transport: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class MarkFailed:
+    """Action: ``target`` did not serve; later plans try it last (RFC 3263 §4.3)."""
+
+    target: Target
+
+
+Output = Send | Resolve | MarkFailed
+
+
+class Context:
+    """A response context (RFC 3261 §16): one request being proxied.
+
+    pcproxy never forks: a context has one client transaction at a time and
+    moves down its target list (RFC 3263 §4.3) when a target refuses, stays
+    silent for ``target_timeout`` or answers 503.
+    """
+
+    __slots__ = (
+        "ref",
+        "server",
+        "dest",
+        "request",
+        "received",
+        "via",
+        "peer",
+        "method",
+        "tls_name",
+        "record_route",
+        "flow",
+        "targets",
+        "index",
+        "client",
+        "client_key",
+        "target",
+        "finals",
+        "reasons",
+        "provisional",
+        "cancelled",
+        "cancel_sent",
+        "answered",
+        "finished",
+    )
+
+    def __init__(
+        self,
+        ref: int,
+        server: ServerTransaction | None,
+        dest: Peer,
+        request: Request,
+        received: Request,
+        via: Via,
+        peer: Peer,
+    ) -> None:
+        self.ref = ref
+        self.server = server
+        self.dest = dest
+        self.request = request
+        self.received = received
+        self.via = via
+        self.peer = peer
+        self.method = received.method
+        self.tls_name = ""
+        self.record_route = False
+        self.flow: Peer | None = None
+        self.targets: list[Target] | None = None
+        self.index = 0
+        self.client: ClientTransaction | None = None
+        self.client_key: tuple[str, str] = ("", "")
+        self.target: Target | None = None
+        self.finals: list[tuple[int, bytes]] = []
+        self.reasons: list[str] = []
+        self.provisional = False
+        self.cancelled = False
+        self.cancel_sent = False
+        self.answered = False
+        self.finished = False
 
 
 #: What a keep-alive datagram is made of (RFC 5626 §3.5.1).
@@ -156,25 +313,40 @@ class TimerQueue:
 
 
 class Element:
-    """A redirect server (RFC 3261 §8.2, §8.3) over server transactions."""
+    """A redirect server (RFC 3261 §8.2, §8.3) and a stateful proxy (§16)
+    over server and client transactions (§17)."""
 
     def __init__(self, snapshot: Snapshot, config: ElementConfig | None = None) -> None:
         self.snapshot = snapshot
         self.config = config or ElementConfig()
         self.transactions: dict[tuple[str, ...], ServerTransaction] = {}
+        self.clients: dict[tuple[str, str], tuple[ClientTransaction, Context | None]] = {}
+        self.contexts: dict[int, Context] = {}
         self.timers = TimerQueue()
         self.counters: Counter[str] = Counter()
         self.draining = False
+        self.tokens = RouteTokens(self.config.secret)
+        self.listeners: list[Listener] = []
+        self._by_server: dict[tuple[str, ...], Context] = {}
+        self._accepted: dict[tuple[str, str], Context] = {}
+        self._addresses: set[tuple[str, int]] = set()
+        self._ref = 0
         self._tag_prefix = os.urandom(4).hex()
         self._tag_seq = 0
 
+    def set_listeners(self, listeners: list[Listener]) -> None:
+        """The sockets the shell bound: what goes in Via and Record-Route,
+        and which Route URIs and Via sent-by values are this proxy's."""
+        self.listeners = list(listeners)
+        self._addresses = {(lst.host.lower(), lst.port) for lst in listeners}
+
     # input ---------------------------------------------------------------
-    def receive(self, data: bytes, peer: Peer, now: float) -> list[Send]:
+    def receive(self, data: bytes, peer: Peer, now: float) -> list[Output]:
         """Handle one datagram or one framed stream message."""
         if data[:4] == b"ACK ":
             txn = self._ack_transaction(data)
             if txn is not None:
-                return self._run(txn, ACK_RECEIVED, now)
+                return self._run(txn, ACK_RECEIVED, now)  # type: ignore[return-value]
         elif data[:1] in _BLANK and not data.strip(_BLANK):
             return []  # keep-alive on a datagram transport (RFC 5626 §3.5.1)
         cfg = self.config
@@ -186,16 +358,15 @@ class Element:
                 max_headers=cfg.max_headers,
             )
         except SipError as exc:
-            return self._reject_malformed(exc, peer)
+            return self._reject_malformed(exc, peer)  # type: ignore[return-value]
         if isinstance(msg, Response):
-            self.counters["responses_absorbed"] += 1
-            return []
+            return self._receive_response(msg, data, now)
         self.counters["requests." + msg.method] += 1
         try:
             return self._receive_request(msg, peer, now)
         except SipError as exc:
             exc.partial = msg  # type: ignore[attr-defined]
-            return self._reject_malformed(exc, peer)
+            return self._reject_malformed(exc, peer)  # type: ignore[return-value]
 
     def _ack_transaction(self, data: bytes) -> ServerTransaction | None:
         """The INVITE transaction an ACK belongs to, from its top Via alone.
@@ -213,7 +384,7 @@ class Element:
             return None
         return txn
 
-    def _receive_request(self, req: Request, peer: Peer, now: float) -> list[Send]:
+    def _receive_request(self, req: Request, peer: Peer, now: float) -> list[Output]:
         via = req.via or req.top_via()
         branch = via.branch
         sent_by = via.sent_by
@@ -230,25 +401,35 @@ class Element:
         txn = self.transactions.get(key)
         if req.method == "ACK":
             if txn is not None and isinstance(txn, InviteServerTransaction):
-                return self._run(txn, ACK_RECEIVED, now)
+                return self._run(txn, ACK_RECEIVED, now)  # type: ignore[return-value]
+            if "route" in req.keys and req.to_addr is not None and req.to_addr.tag is not None:
+                # the ACK for a 2xx travels end to end, through us (§16.4, §16.11)
+                routed = self._route_in_dialog(req, via, peer, None, response_peer(via, peer), now)
+                if isinstance(routed, list):
+                    return routed
             self.counters["ack_absorbed"] += 1
-            return []  # an ACK to a 2xx is end to end; we never send a 2xx to INVITE
+            return []
         if txn is not None:
             self.counters["retransmissions"] += 1
-            return self._run(txn, REQUEST_RETRANSMITTED, now)
+            return self._run(txn, REQUEST_RETRANSMITTED, now)  # type: ignore[return-value]
 
         dest = response_peer(via, peer)
         txn_cls = InviteServerTransaction if req.method == "INVITE" else NonInviteServerTransaction
         txn = txn_cls(key, dest, self.config.timers, self._new_tag())
-        response = self._answer(req, via, peer, txn)
+        answer = self._answer(req, via, peer, txn, now)
+        if isinstance(answer, list):
+            return answer  # proxied: the context stored the transaction
         # stored only once answered: a request _answer refuses with a SipError
         # gets a stateless 400 and must not leave a transaction behind
         self.transactions[key] = txn
-        return self._run(txn, ResponseSent(response.status, bytes(response)), now)
+        return self._run(txn, ResponseSent(answer.status, bytes(answer)), now)  # type: ignore[return-value]
 
     # UAS core ------------------------------------------------------------
-    def _answer(self, req: Request, via: Via, peer: Peer, txn: ServerTransaction) -> Response:
-        """Choose the response (RFC 3261 §8.2 in order, then the table)."""
+    def _answer(
+        self, req: Request, via: Via, peer: Peer, txn: ServerTransaction, now: float
+    ) -> Response | list[Output]:
+        """Choose the response (RFC 3261 §8.2 in order, then the table), or
+        proxy the request (§16)."""
         method = req.method
         try:
             uri = parse_uri(req.uri)
@@ -260,9 +441,19 @@ class Element:
         if req.max_forwards == 0 and not (method == "OPTIONS" and to_us):
             return self._respond(req, via, peer, txn, 483)  # §16.3 step 3, §8.2
         if method == "CANCEL":
-            return self._cancel(req, via, peer, txn)
+            return self._cancel(req, via, peer, txn, now)
+        in_dialog = req.to_addr is not None and req.to_addr.tag is not None
+        if in_dialog and "route" in req.keys:  # §16.4: a dialog we Record-Routed
+            return self._route_in_dialog(req, via, peer, txn, txn.peer, now)
         if self.draining:
             return self._respond(req, via, peer, txn, 503, extra=[Header.make("Retry-After", "5")])
+        decision: routing.Decision | None = None
+        if not in_dialog and not to_us and method != "REGISTER":
+            decision = routing.decide(
+                self.snapshot, uri, self.config.default_mode, aor_key_of(req.uri)
+            )
+            if isinstance(decision, routing.Forward):  # a proxy ignores Require (§16.3)
+                return self._start_proxy(req, via, peer, txn, decision, now)
         unsupported = "require" in req.keys and [
             t for t in option_tags(req.get_all("require")) if t not in SUPPORTED
         ]
@@ -280,7 +471,7 @@ class Element:
                 extra=[Header.make("Allow", ALLOW)],
                 diag=(DIAG_NOT_REGISTRAR, "pcproxy is not a registrar"),
             )
-        if req.to_addr is not None and req.to_addr.tag is not None:  # §12.2.2: no dialogs here
+        if in_dialog:  # §12.2.2: no dialog of ours without our Route
             return self._respond(
                 req, via, peer, txn, 481, diag=(DIAG_NO_DIALOG, "pcproxy holds no dialogs")
             )
@@ -297,7 +488,10 @@ class Element:
                     Header.make("Supported", ", ".join(sorted(SUPPORTED))),
                 ],
             )
-        decision = routing.decide(self.snapshot, uri, self.config.default_mode, aor_key_of(req.uri))
+        if decision is None:
+            decision = routing.decide(
+                self.snapshot, uri, self.config.default_mode, aor_key_of(req.uri)
+            )
         if isinstance(decision, routing.NotFound):
             self.counters["not_found"] += 1
             return self._respond(
@@ -308,26 +502,39 @@ class Element:
                 404,
                 diag=(DIAG_NOT_FOUND, "No persistent chat endpoint for %s" % decision.key),
             )
-        endpoint = decision.endpoint
-        contact = (
-            decision.contact
-            if isinstance(decision, routing.Redirect)
-            else routing.pool_contact(uri, endpoint)
-        )
+        assert isinstance(decision, routing.Redirect)
         self.counters["redirects"] += 1
-        return self._respond(req, via, peer, txn, 302, extra=[Header.make("Contact", contact)])
+        return self._respond(
+            req, via, peer, txn, 302, extra=[Header.make("Contact", decision.contact)]
+        )
 
-    def _cancel(self, req: Request, via: Via, peer: Peer, txn: ServerTransaction) -> Response:
-        """RFC 3261 §9.2: 200 if the INVITE's transaction exists, else 481."""
+    def _cancel(
+        self, req: Request, via: Via, peer: Peer, txn: ServerTransaction, now: float
+    ) -> Response | list[Output]:
+        """RFC 3261 §9.2: 200 if the INVITE's transaction exists, else 481;
+        for a proxied INVITE, cancel the pending branch too (§16.10)."""
         invite_key = (
             txn.key[:-1] + ("INVITE",) if txn.key[0] != "2543" else ("2543", "INVITE", *txn.key[2:])
         )
         invite = self.transactions.get(invite_key)
         if invite is None:
             return self._respond(req, via, peer, txn, 481)
-        # a redirect server answers every INVITE at once, so the INVITE is
-        # already past PROCEEDING and the CANCEL has no effect on it
-        return self._respond(req, via, peer, txn, 200)
+        ok = self._respond(req, via, peer, txn, 200)
+        ctx = self._by_server.get(invite_key)
+        if ctx is None or ctx.finished or ctx.answered:
+            # a redirect server answers every INVITE at once: already past
+            # PROCEEDING, the CANCEL has no effect on it
+            return ok
+        self.transactions[txn.key] = txn
+        out: list[Output] = list(self._run(txn, ResponseSent(200, bytes(ok)), now))
+        self.counters["cancelled"] += 1
+        ctx.cancelled = True
+        if ctx.client is None:  # no target tried yet: nothing downstream to cancel
+            return out + self._finish(ctx, now)
+        if ctx.provisional:
+            out += self._send_cancel(ctx, now)
+        # else §9.1: wait for a provisional response before sending the CANCEL
+        return out
 
     def _respond(
         self,
@@ -347,6 +554,493 @@ class Element:
         return make_response(
             req, status, to_tag=txn.to_tag, via=response_vias(req, via, peer), extra=extra
         )
+
+    # stateful proxy (§16) --------------------------------------------------
+    def _start_proxy(
+        self,
+        req: Request,
+        via: Via,
+        peer: Peer,
+        txn: ServerTransaction,
+        decision: routing.Forward,
+        now: float,
+    ) -> Response | list[Output]:
+        """Forward an out-of-dialog request to its endpoint's pool (§16.3-§16.6).
+
+        The Request-URI is kept (the pool serves the endpoint's URI, as Lync's
+        own endpoint contact object does); the pool's servers are the
+        targets of its RFC 3263 plan.
+        """
+        try:
+            validate_request(req, secret=self.config.secret, is_my_via=self._is_my_via)
+            forwarded = self._pop_own_routes(req)[0] if "route" in req.keys else req
+        except ProxyRejection as exc:
+            return self._respond(req, via, peer, txn, exc.status, extra=exc.headers())
+        endpoint = decision.endpoint
+        ctx = self._new_context(req, forwarded, via, peer, txn, txn.peer)
+        ctx.tls_name = endpoint.pool_fqdn
+        ctx.record_route = self.config.record_route and req.method in DIALOG_CREATING
+        self.counters["proxied"] += 1
+        out = self._trying(ctx, now)
+        out.append(
+            Resolve(ctx.ref, endpoint.pool_fqdn, endpoint.pool_port, endpoint.pool_transport)
+        )
+        return out
+
+    def _route_in_dialog(
+        self,
+        req: Request,
+        via: Via,
+        peer: Peer,
+        txn: ServerTransaction | None,
+        dest: Peer,
+        now: float,
+    ) -> Response | list[Output]:
+        """Route a request of a dialog this proxy Record-Routed (§16.4, §16.6).
+
+        Every leading Route that names this proxy is removed and its token
+        checked (a Route naming pcproxy without a valid token: 403).  A
+        request whose first Route was the pool-facing URI came from the pool
+        and goes back over the client's flow when that flow is still there;
+        any other goes to the next Route or the Request-URI, located by
+        RFC 3263.  An ACK (for a 2xx) is forwarded statelessly (§16.11).
+        """
+        try:
+            validate_request(req, secret=self.config.secret, is_my_via=self._is_my_via)
+            routed, sides = self._pop_own_routes(req)
+        except ProxyRejection as exc:
+            if txn is None:
+                return []
+            return self._respond(req, via, peer, txn, exc.status, extra=exc.headers())
+        if sides is None or not sides:
+            self.counters["forged_route"] += 1
+            if txn is None:
+                return []
+            if sides is None:
+                diag = (DIAG_FORGED_ROUTE, "Route names pcproxy without a valid token")
+                return self._respond(req, via, peer, txn, 403, diag=diag)
+            return self._respond(
+                req, via, peer, txn, 481, diag=(DIAG_NO_DIALOG, "pcproxy holds no such dialog")
+            )
+        ctx = self._new_context(req, routed, via, peer, txn, dest)
+        self.counters["in_dialog"] += 1
+        side, flow = sides[0][0], next((f for _, f in sides if f is not None), None)
+        out = self._trying(ctx, now)
+        if side == TOWARD_CLIENT and flow is not None:
+            ctx.flow = flow
+            ctx.targets = [Target(flow.host, flow.host, flow.port, flow.transport)]
+            return out + self._try_next(ctx, now)
+        try:
+            hop = parse_uri(
+                NameAddr.parse(routed.get_all("route")[0]).uri
+                if "route" in routed.keys
+                else routed.uri
+            )
+        except SipError as exc:
+            return out + self._own_final(ctx, 400, (DIAG_BAD_REQUEST, exc.reason), now)
+        transport = hop.param("transport")
+        transport = transport.lower() if transport else ("tls" if hop.scheme == "sips" else None)
+        host = hop.host.strip("[]")
+        ctx.tls_name = host
+        if is_address(host):
+            chosen = transport or "udp"
+            port = hop.port or (5061 if chosen == "tls" else 5060)
+            ctx.targets = [Target(host, host, port, chosen)]
+            return out + self._try_next(ctx, now)
+        out.append(Resolve(ctx.ref, host, hop.port, transport))
+        return out
+
+    def _pop_own_routes(self, req: Request) -> tuple[Request, list[tuple[str, Peer | None]] | None]:
+        """The request without its leading Routes that name this proxy (§16.4),
+        and the (side, flow) of each of their tokens; ``None`` if one of them
+        carries no valid token."""
+        sides: list[tuple[str, Peer | None]] = []
+        while "route" in req.keys:
+            first = NameAddr.parse(req.get_all("route")[0]).uri
+            if not self._is_mine(first):
+                break
+            token = self.tokens.check(parse_uri(first).user)
+            if token is None:
+                return req, None
+            sides.append(token)
+            req = preprocess_route(req, first.__eq__)
+        return req, sides
+
+    def _new_context(
+        self,
+        received: Request,
+        request: Request,
+        via: Via,
+        peer: Peer,
+        txn: ServerTransaction | None,
+        dest: Peer,
+    ) -> Context:
+        self._ref += 1
+        ctx = Context(self._ref, txn, dest, request, received, via, peer)
+        self.contexts[ctx.ref] = ctx
+        if txn is not None:
+            self.transactions[txn.key] = txn
+            self._by_server[txn.key] = ctx
+        return ctx
+
+    def _trying(self, ctx: Context, now: float) -> list[Output]:
+        """§16.2: a stateful proxy answers an INVITE with 100 Trying itself."""
+        if ctx.server is None or ctx.method != "INVITE":
+            return []
+        trying = make_response(
+            ctx.received, 100, via=response_vias(ctx.received, ctx.via, ctx.peer)
+        )
+        return list(self._run(ctx.server, ResponseSent(100, bytes(trying)), now))
+
+    def targets_ready(self, ref: int, targets: list[Target], now: float) -> list[Output]:
+        """The RFC 3263 plan for a context's request: start forwarding."""
+        ctx = self.contexts.get(ref)
+        if ctx is None or ctx.finished or ctx.targets is not None:
+            return []
+        ctx.targets = list(targets)
+        return self._try_next(ctx, now)
+
+    def resolve_failed(self, ref: int, reason: str, now: float) -> list[Output]:
+        """No target could be found for a context's request."""
+        ctx = self.contexts.get(ref)
+        if ctx is None or ctx.finished or ctx.targets is not None:
+            return []
+        ctx.targets = []
+        ctx.reasons.append(reason)
+        return self._finish(ctx, now)
+
+    def _try_next(self, ctx: Context, now: float) -> list[Output]:
+        """Forward to the next target of the plan, or end (RFC 3263 §4.3)."""
+        targets = ctx.targets or []
+        while ctx.index < len(targets) and not ctx.cancelled:
+            target = targets[ctx.index]
+            ctx.index += 1
+            sent = self._forward_to(ctx, target, now)
+            if sent is not None:
+                return sent
+        return self._finish(ctx, now)
+
+    def _forward_to(self, ctx: Context, target: Target, now: float) -> list[Output] | None:
+        """§16.6 steps 4-11 for one target: Via, Record-Route, client transaction."""
+        flow = ctx.flow if ctx.index == 1 else None
+        listener = self._listener_for(target, flow)
+        if listener is None:
+            ctx.reasons.append(
+                "%s %s: no %s listener" % (target.transport, target.address, target.transport)
+            )
+            return None
+        cfg = self.config
+        stateless = ctx.method == "ACK"
+        unique = stateless_unique(ctx.received) if stateless else None
+        branch = branch_for(ctx.received, cfg.secret, unique=unique)
+        via_value = "SIP/2.0/%s %s;branch=%s" % (
+            target.transport.upper(),
+            listener.hostport,
+            branch,
+        )
+        if target.transport == "udp":
+            via_value += ";rport"
+        rr = self._record_route_value(ctx, listener) if ctx.record_route else None
+        try:
+            fwd = forward(ctx.request, target_uri=None, via_value=via_value, record_route_value=rr)
+        except SipError as exc:
+            ctx.targets = []
+            return self._own_final(ctx, exc.status, (DIAG_BAD_REQUEST, exc.reason), now)
+        if flow is not None:
+            peer = flow
+        else:
+            name = ctx.tls_name if target.transport == "tls" else ""
+            peer = Peer(target.transport, target.address, target.port, listener.number, 0, name)
+        ctx.target = target
+        if stateless:
+            self._done(ctx)
+            return [Send(bytes(fwd), peer)]
+        client: ClientTransaction
+        if ctx.method == "INVITE":
+            client = InviteClientTransaction(fwd, peer, cfg.timers)
+        else:
+            client = NonInviteClientTransaction(fwd, peer, cfg.timers)
+        key = client_key(branch, ctx.method)
+        ctx.client, ctx.client_key, ctx.provisional = client, key, False
+        self.clients[key] = (client, ctx)
+        self.counters["forwarded"] += 1
+        if ctx.index > 1:
+            self.counters["failovers"] += 1
+        out = self._run_client(key, client, ctx, client.start(), now)
+        self.timers.arm(ctx, "T", cfg.target_timeout, now)
+        if ctx.method == "INVITE":
+            self.timers.arm(ctx, "C", cfg.timer_c, now)
+        return out
+
+    def _record_route_value(self, ctx: Context, out: Listener) -> str:
+        """Two Record-Route URIs (RFC 5658 §3.2): the pool-facing one on top,
+        then the client-facing one with the client's flow in its token."""
+        inbound = self._listener_of(ctx.peer) or out
+        return "<sip:%s@%s;transport=%s;lr>, <sip:%s@%s;transport=%s;lr>" % (
+            self.tokens.make("o"),
+            out.hostport,
+            out.transport,
+            self.tokens.make("i", ctx.peer),
+            inbound.hostport,
+            inbound.transport,
+        )
+
+    def _listener_of(self, peer: Peer) -> Listener | None:
+        stream = peer.transport != "udp"
+        for lst in self.listeners:
+            if lst.number == peer.listener and (lst.transport != "udp") == stream:
+                if not stream or lst.transport == peer.transport:
+                    return lst
+        return None
+
+    def _listener_for(self, target: Target, flow: Peer | None) -> Listener | None:
+        """The socket whose address goes in the Via and Record-Route towards
+        ``target``: its transport and family, else a stream listener of the
+        family for TCP/TLS (the connection carries the responses back)."""
+        if flow is not None:
+            return self._listener_of(flow)
+        v6 = ":" in target.address
+        family = [lst for lst in self.listeners if (":" in lst.host) == v6]
+        for lst in family:
+            if lst.transport == target.transport:
+                return lst
+        if target.transport == "udp":
+            return None  # a datagram must leave by a UDP socket
+        for lst in family:
+            if lst.transport != "udp":
+                return lst
+        return family[0] if family else None
+
+    def _is_mine(self, uri: str) -> bool:
+        """A URI naming one of this proxy's listeners (or its server name)."""
+        try:
+            parsed = parse_uri(uri)
+        except SipError:
+            return False
+        host = parsed.host.strip("[]").lower()
+        if parsed.port is None:
+            return host == self.config.server_name or any(
+                (host, port) in self._addresses for port in (5060, 5061)
+            )
+        return (host, parsed.port) in self._addresses
+
+    def _is_my_via(self, via: Via) -> bool:
+        return (via.host.strip("[]").lower(), via.port or 5060) in self._addresses
+
+    def _run_client(
+        self,
+        key: tuple[str, str],
+        client: ClientTransaction,
+        ctx: Context | None,
+        actions: Sequence[object],
+        now: float,
+        msg: Response | None = None,
+    ) -> list[Output]:
+        out: list[Output] = []
+        for action in actions:
+            kind = type(action)
+            if kind is Send:
+                out.append(action)  # type: ignore[arg-type]
+            elif kind is StartTimer:
+                self.timers.arm(key, action.name, action.delay, now)  # type: ignore[attr-defined]
+            elif kind is StopTimer:
+                self.timers.cancel(key, action.name)  # type: ignore[attr-defined]
+            elif kind is Deliver:
+                if ctx is not None and msg is not None:
+                    out += self._on_branch_response(ctx, client, msg, action.data, now)  # type: ignore[attr-defined]
+            elif kind is TimedOut:
+                if ctx is not None:
+                    out += self._branch_failed(ctx, client, "no final response", now)
+            elif kind is Unreachable:
+                if ctx is not None:
+                    out += self._branch_failed(ctx, client, "unreachable", now)
+            elif kind is Terminated:
+                self.clients.pop(key, None)
+                for name in "ABDEFK":
+                    self.timers.cancel(key, name)
+        return out
+
+    def _receive_response(self, msg: Response, data: bytes, now: float) -> list[Output]:
+        """§16.7 step 1: find the client transaction; a 2xx retransmission of
+        an answered INVITE is forwarded on statelessly (§16.7 step 5)."""
+        key = response_key(msg)
+        entry = self.clients.get(key) if key is not None else None
+        if entry is None:
+            ctx = self._accepted.get(key) if key is not None else None
+            if ctx is not None and 200 <= msg.status < 300:
+                fwd = strip_own_via(msg, data, ctx.client_key[0])
+                if fwd is not None:
+                    return [Send(fwd, ctx.dest)]
+            self.counters["responses_absorbed"] += 1
+            return []
+        client, ctx = entry
+        assert key is not None
+        try:
+            actions = client.handle(ResponseReceived(msg.status, data))
+        except TransactionError:
+            return []
+        return self._run_client(key, client, ctx, actions, now, msg)
+
+    def _on_branch_response(
+        self, ctx: Context, client: ClientTransaction, msg: Response, data: bytes, now: float
+    ) -> list[Output]:
+        """§16.7 steps 2-10 for one response of a branch."""
+        status = msg.status
+        current = client is ctx.client
+        if current:
+            self.timers.cancel(ctx, "T")
+        out: list[Output] = []
+        if status < 200:
+            if not current or ctx.finished:
+                return []
+            ctx.provisional = True
+            if ctx.cancelled and not ctx.cancel_sent:
+                out += self._send_cancel(ctx, now)
+            if status == 100:
+                return out  # §16.7 step 5: a 100 is not forwarded
+            if ctx.method == "INVITE":
+                self.timers.arm(ctx, "C", self.config.timer_c, now)
+            fwd = strip_own_via(msg, data, ctx.client_key[0])
+            if fwd is not None:
+                out += self._to_server(ctx, status, fwd, now)
+            return out
+        fwd = strip_own_via(msg, data, client_key_branch(client, ctx))
+        if status < 300:
+            if fwd is None:
+                return out
+            if ctx.answered or ctx.finished:  # another 2xx: forwarded as it is (§16.7 step 5)
+                return [Send(fwd, ctx.dest)]
+            ctx.answered = True
+            self.counters["answered"] += 1
+            out += self._to_server(ctx, status, fwd, now)
+            if ctx.method == "INVITE":  # keep the context for the 2xx retransmissions
+                self.timers.cancel(ctx, "T")
+                self.timers.cancel(ctx, "C")
+                self._accepted[ctx.client_key] = ctx
+                self.timers.arm(ctx, "L", 64 * self.config.timers.t1, now)
+            else:
+                self._done(ctx)
+            return out
+        if not current or ctx.finished:
+            return []
+        ctx.client = None
+        if fwd is not None:
+            ctx.finals.append((status, fwd))
+        if status == 503 and ctx.target is not None:
+            ctx.reasons.append("%s: 503" % _describe(ctx.target))
+            out.append(MarkFailed(ctx.target))
+            return out + self._try_next(ctx, now)
+        return out + self._finish(ctx, now)
+
+    def _branch_failed(
+        self, ctx: Context, client: ClientTransaction | None, why: str, now: float
+    ) -> list[Output]:
+        """The current target refused, timed out or stayed silent: try the
+        next one (RFC 3263 §4.3)."""
+        if client is not ctx.client or ctx.finished:
+            return []
+        self.timers.cancel(ctx, "T")
+        ctx.client = None
+        out: list[Output] = []
+        if ctx.target is not None:
+            ctx.reasons.append("%s: %s" % (_describe(ctx.target), why))
+            out.append(MarkFailed(ctx.target))
+        return out + self._try_next(ctx, now)
+
+    def transport_failed(self, peer: Peer, now: float) -> list[Output]:
+        """The shell could not open a connection to ``peer`` or lost it
+        (§17.1.4): every client transaction waiting on it fails."""
+        out: list[Output] = []
+        for key, (client, ctx) in list(self.clients.items()):
+            if client.peer == peer and client.state is not ClientState.TERMINATED:
+                try:
+                    actions = client.handle(TransportFailed())
+                except TransactionError:
+                    continue
+                out += self._run_client(key, client, ctx, actions, now)
+        return out
+
+    def _finish(self, ctx: Context, now: float) -> list[Output]:
+        """No target left (§16.7 step 6): forward the best final response, or
+        answer for the pool when none of its servers gave one."""
+        if ctx.finished:
+            return []
+        codes = [status for status, _ in ctx.finals]
+        if ctx.cancelled and not codes:
+            return self._own_final(ctx, 487, None, now)
+        best = choose_best(codes) if codes else None
+        for status, data in ctx.finals:
+            if status == best:
+                out = self._to_server(ctx, status, data, now)
+                self._done(ctx)
+                return out
+        self.counters["pool_unreachable"] += 1
+        reasons = "; ".join(ctx.reasons) or "no target"
+        return self._own_final(
+            ctx, 503, (DIAG_POOL_UNREACHABLE, "No pool server answered: %s" % reasons), now
+        )
+
+    def _own_final(
+        self, ctx: Context, status: int, diag: tuple[int, str] | None, now: float
+    ) -> list[Output]:
+        """A final response pcproxy makes itself for a proxied request."""
+        out: list[Output] = []
+        if ctx.server is not None and not ctx.finished:
+            extra = (
+                [Header.make("Retry-After", str(self.config.retry_after))]
+                if status == 503
+                else None
+            )
+            resp = self._respond(
+                ctx.received, ctx.via, ctx.peer, ctx.server, status, extra=extra, diag=diag
+            )
+            out += self._run(ctx.server, ResponseSent(status, bytes(resp)), now)
+        self._done(ctx)
+        return out
+
+    def _to_server(self, ctx: Context, status: int, data: bytes, now: float) -> list[Output]:
+        if ctx.server is None:
+            return [Send(data, ctx.dest)]
+        if ctx.server.key not in self.transactions:  # the transaction ended (e.g. Timer H)
+            return [Send(data, ctx.dest)] if 200 <= status < 300 else []
+        return list(self._run(ctx.server, ResponseSent(status, data), now))
+
+    def _send_cancel(self, ctx: Context, now: float) -> list[Output]:
+        """§16.10, §9.1: CANCEL the pending branch, in a client transaction of its own."""
+        client = ctx.client
+        ctx.cancel_sent = True
+        if client is None:
+            return []
+        cancel = parse(make_cancel(client.data))
+        assert isinstance(cancel, Request)
+        txn = NonInviteClientTransaction(cancel, client.peer, self.config.timers)
+        key = client_key(ctx.client_key[0], "CANCEL")
+        self.clients[key] = (txn, None)
+        return self._run_client(key, txn, None, txn.start(), now)
+
+    def _context_timer(self, ctx: Context, name: str, now: float) -> list[Output]:
+        if ctx.finished:
+            return []
+        if name == "L":  # the 2xx retransmission window is over
+            self._accepted.pop(ctx.client_key, None)
+            self._done(ctx)
+            return []
+        if name == "T":  # the target stayed silent: try the next one
+            return self._branch_failed(ctx, ctx.client, "no answer", now)
+        if name == "C":  # §16.8
+            if ctx.provisional and not ctx.cancel_sent:
+                ctx.cancelled = True
+                return self._send_cancel(ctx, now)
+            return self._branch_failed(ctx, ctx.client, "Timer C", now)
+        return []
+
+    def _done(self, ctx: Context) -> None:
+        ctx.finished = True
+        self.contexts.pop(ctx.ref, None)
+        if ctx.server is not None:
+            self._by_server.pop(ctx.server.key, None)
+        for name in "TCL":
+            self.timers.cancel(ctx, name)
 
     def _reject_malformed(self, exc: SipError, peer: Peer) -> list[Send]:
         """400/505/513... where the response can be routed (§8.2, §16.3), else drop."""
@@ -406,13 +1100,14 @@ class Element:
 
     def in_flight(self) -> int:
         """Transactions that still owe the network something: an INVITE not yet
-        ACKed, a non-INVITE not yet answered (what a drain waits for)."""
+        ACKed, a non-INVITE not yet answered, a proxied request whose pool has
+        not answered (what a drain waits for)."""
         return sum(
             1
             for t in self.transactions.values()
             if t.state in (State.PROCEEDING, State.TRYING)
             or (t.state is State.COMPLETED and isinstance(t, InviteServerTransaction))
-        )
+        ) + sum(1 for c in self.contexts.values() if not c.answered and c.server is None)
 
     def next_deadline(self) -> float | None:
         return self.timers.next_deadline()
@@ -423,12 +1118,24 @@ class Element:
         need not ask ``next_deadline()`` after every message."""
         return self.timers.earliest_armed()
 
-    def handle_timers(self, now: float) -> list[Send]:
-        out: list[Send] = []
+    def handle_timers(self, now: float) -> list[Output]:
+        out: list[Output] = []
         for owner, name in self.timers.pop_due(now):
-            txn = self.transactions.get(owner)  # type: ignore[call-overload]
-            if txn is not None:
-                out.extend(self._run(txn, timer_fired(name), now))
+            if type(owner) is Context:
+                out += self._context_timer(owner, name, now)
+            elif len(owner) == 2:  # type: ignore[arg-type]
+                entry = self.clients.get(owner)  # type: ignore[call-overload]
+                if entry is not None:
+                    client, ctx = entry
+                    try:
+                        actions = client.handle(TimerFired(name))
+                    except TransactionError:
+                        continue
+                    out += self._run_client(owner, client, ctx, actions, now)  # type: ignore[arg-type]
+            else:
+                txn = self.transactions.get(owner)  # type: ignore[call-overload]
+                if txn is not None:
+                    out.extend(self._run(txn, timer_fired(name), now))
         return out
 
     def _new_tag(self) -> str:
@@ -448,6 +1155,18 @@ def response_peer(via: Via, peer: Peer) -> Peer:
     if port == peer.port or param_value(params, "rport") is not None:
         return peer  # the source address itself
     return Peer("udp", peer.host, port, peer.listener)
+
+
+def client_key_branch(client: ClientTransaction, ctx: Context) -> str:
+    """The branch of the Via pcproxy put on ``client``'s request."""
+    via = client.request.via
+    if via is not None and via.branch:
+        return via.branch
+    return client.key[0] if client is not ctx.client or not ctx.client_key[0] else ctx.client_key[0]
+
+
+def _describe(target: Target) -> str:
+    return "%s:%s:%d" % (target.transport, target.address, target.port)
 
 
 def _sent_by_only(req: Request) -> Via | None:

@@ -55,6 +55,7 @@ import dns.asyncresolver
 import dns.exception
 import dns.message
 import dns.name
+import dns.nameserver
 import dns.rdataset
 import dns.rdatatype
 import dns.resolver
@@ -268,6 +269,8 @@ class Resolver:
 
     nameservers: Sequence[str] | None = None
     port: int | None = None
+    #: (address, port) of each DNS server, when they differ in port.
+    endpoints: Sequence[tuple[str, int]] | None = None
     timeout: float = 2.0
     lifetime: float = 4.0
     default_port: int = DEFAULT_PORT
@@ -288,9 +291,14 @@ class Resolver:
     )
 
     def __post_init__(self) -> None:
-        resolver = dns.asyncresolver.Resolver(configure=self.nameservers is None)
+        configure = self.nameservers is None and not self.endpoints
+        resolver = dns.asyncresolver.Resolver(configure=configure)
         if self.nameservers is not None:
             resolver.nameservers = list(self.nameservers)
+        if self.endpoints:
+            resolver.nameservers = [
+                dns.nameserver.Do53Nameserver(address, port) for address, port in self.endpoints
+            ]
         if self.port is not None:
             resolver.port = self.port
         resolver.timeout = self.timeout
@@ -355,6 +363,56 @@ class Resolver:
                 reasons["%s: no SRV target available" % name] = None
             raise ResolveError("; ".join(reasons))
         return targets
+
+    def plan_cached(
+        self, fqdn: str, *, port: int | None = None, transport: str | None = None
+    ) -> list[Target] | None:
+        """``plan()`` from fresh cache entries alone, without awaiting: the
+        common case of a busy pool.  ``None`` when a query (or a stale
+        answer) is needed, or when the plan would be empty; ``plan()`` then
+        does the work and says why."""
+        name = normalise(fqdn)
+        transports = transports_for(transport)
+        srv: dict[str, dns.rdataset.Rdataset | None] = {}
+        hosts = [name]
+        numeric = is_address(name)
+        if port is None and not numeric:
+            for t in transports:
+                lookup = self._fresh(srv_name(name, t), "SRV")
+                if lookup is None:
+                    return None
+                srv[t] = lookup.rdataset
+            if any(srv.values()):
+                hosts = srv_hosts(srv)
+        addresses: dict[str, list[str]] = {}
+        if not numeric:
+            for host in hosts:
+                found: list[str] = []
+                for rdtype in self.address_types:
+                    lookup = self._fresh(host, rdtype)
+                    if lookup is None:
+                        return None
+                    if lookup.rdataset:
+                        found += [r.to_text() for r in lookup.rdataset]
+                addresses[host] = found
+        targets = order_targets(
+            name,
+            srv=srv,
+            addresses=addresses,
+            port=port,
+            transport=transport,
+            default_port=self.default_port,
+            default_transport=self.default_transport,
+            failed=self.failed() if self._failed else frozenset(),
+        )
+        return targets or None
+
+    def _fresh(self, name: str, rdtype: str) -> Lookup | None:
+        entry = self._cache.get((name, rdtype))
+        if entry is None or self.clock() >= entry.expires:
+            return None
+        self.stats.hits += 1
+        return entry.lookup
 
     async def addresses(self, host: str) -> tuple[list[str], list[str]]:
         """The addresses of ``host``, A before AAAA, and why any type had none."""

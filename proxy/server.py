@@ -15,16 +15,20 @@ requests get 503 with Retry-After), let in-flight transactions finish within
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import structlog
 
+from proxy import tls
 from proxy.config import Settings
-from proxy.element import Element, ElementConfig
-from proxy.sip.peer import Peer
+from proxy.element import Element, ElementConfig, Listener, Output, Resolve
+from proxy.resolve import ResolveError, Resolver
+from proxy.sip.peer import Peer, Send
 from proxy.sip.transaction import Timers
 from proxy.store import EndpointStore, Snapshot
 from proxy.transport import Transports
@@ -86,16 +90,42 @@ class TableWatcher(threading.Thread):
             self._store.close()
 
 
+def read_secret(path: Path | None) -> bytes:
+    """The key of Record-Route tokens and loop-detection hashes: from
+    ``[proxy] secret_file`` (so dialogs outlive a restart and workers agree),
+    else random for this run."""
+    if path is None:
+        return os.urandom(32)
+    data = path.read_bytes().strip()
+    if len(data) < 16:
+        raise ValueError("%s: a secret needs at least 16 bytes" % path)
+    return data
+
+
 class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        sip = settings.sip
+        sip, proxy, dns = settings.sip, settings.proxy, settings.dns
         self.element_config = ElementConfig(
             default_mode=settings.server.mode,
             server_name=settings.server.server_name,
             timers=Timers(sip.t1, sip.t2, sip.t4),
             max_message_size=sip.max_message_size,
             max_headers=sip.max_headers,
+            record_route=proxy.record_route,
+            target_timeout=proxy.target_timeout,
+            retry_after=proxy.retry_after,
+            secret=read_secret(proxy.secret_file),
+        )
+        self.resolver = Resolver(
+            endpoints=dns.endpoints() or None,
+            timeout=dns.timeout,
+            lifetime=dns.lifetime,
+            cache_size=dns.cache_size,
+            max_stale=dns.max_stale,
+            default_port=proxy.default_port,
+            default_transport=proxy.default_transport,
+            failure_ttl=proxy.failure_ttl,
         )
         self.element: Element | None = None
         self.transports: Transports | None = None
@@ -103,6 +133,14 @@ class Server:
         self._timer_at: float | None = None
         self._stop = asyncio.Event()
         self._signals = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._client_ssl: ssl.SSLContext | None = None
+        self.server_contexts: tls.ServerContexts | None = None
+
+    def _client_context(self) -> ssl.SSLContext:
+        if self._client_ssl is None:
+            self._client_ssl = tls.client_context(self.settings.tls)
+        return self._client_ssl
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -122,12 +160,22 @@ class Server:
         )
         self.element = Element(snapshot, self.element_config)
         sip = self.settings.sip
+        try:
+            if any(spec.transport == "tls" for spec in self.settings.server.listen):
+                self.server_contexts = tls.ServerContexts(self.settings.tls)
+            self._client_context()
+        except tls.TlsConfigError as exc:
+            log.error("tls_config_failed", error=str(exc))
+            return 1
         self.transports = Transports(
             loop,
             self._on_message,
             max_message=sip.max_message_size,
             max_connections=sip.max_tcp_connections,
             idle_timeout=sip.tcp_idle_timeout,
+            on_failed=lambda peer: loop.call_soon(self._on_failed, peer),
+            server_ssl=self.server_contexts.base_context if self.server_contexts else None,
+            client_ssl=self._client_context,
         )
         try:
             await self.transports.listen(self.settings.server.listen)
@@ -135,16 +183,12 @@ class Server:
             log.error("listen_failed", error=str(exc))
             await self.transports.close()
             return 1
+        self.element.set_listeners([Listener(*spec) for spec in self.transports.listeners])
         watcher.start()
         loop.add_signal_handler(signal.SIGHUP, watcher.reload_requested.set)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         log.info("ready", listen=self.transports.bound, mode=self.settings.server.mode)
-        if self.settings.server.mode == "proxy":
-            log.warning(
-                "proxy_mode_unavailable",
-                detail="this release redirects every endpoint (302 to its pool)",
-            )
         await self._stop.wait()
 
         log.info("draining", timeout=self.settings.server.drain_timeout)
@@ -155,6 +199,8 @@ class Server:
             await asyncio.sleep(0.05)
         watcher.stopped.set()
         watcher.reload_requested.set()
+        for task in list(self._tasks):
+            task.cancel()
         await self.transports.close()
         if self._timer is not None:
             self._timer.cancel()
@@ -183,13 +229,69 @@ class Server:
                 "internal_error", peer="%s:%s:%d" % (peer.transport, peer.host, peer.port)
             )
             return
+        self._dispatch(actions)
+
+    def _dispatch(self, actions: Sequence[Output]) -> None:
+        """Carry out the core's actions, then arm the timer if a new one is earlier."""
+        transports = self.transports
+        assert transports is not None
         for action in actions:
-            transports.send(action)
+            if type(action) is Send:
+                transports.send(action)
+            elif type(action) is Resolve:
+                self._resolve(action)
+            else:
+                self.resolver.mark_failed(action.target)  # type: ignore[union-attr]
         # the armed timer already covers every older deadline: only a timer
-        # armed by this message can be due earlier
-        at = element.earliest_armed()
+        # armed by these actions can be due earlier
+        at = self.element.earliest_armed() if self.element is not None else None
         if at is not None and (self._timer_at is None or at < self._timer_at):
             self._arm(at)
+
+    def _resolve(self, action: Resolve) -> None:
+        """The RFC 3263 plan: from the cache at once, else in a task."""
+        element = self.element
+        assert element is not None and self.transports is not None
+        plan = self.resolver.plan_cached(action.host, port=action.port, transport=action.transport)
+        if plan is not None:
+            self._dispatch(element.targets_ready(action.ref, plan, self.transports.loop.time()))
+            return
+        task = self.transports.loop.create_task(self._resolve_async(action))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resolve_async(self, action: Resolve) -> None:
+        element = self.element
+        assert element is not None and self.transports is not None
+        try:
+            plan = await self.resolver.plan(
+                action.host, port=action.port, transport=action.transport
+            )
+        except ResolveError as exc:
+            log.warning("resolve_failed", host=action.host, reason=exc.reason)
+            actions = element.resolve_failed(action.ref, exc.reason, self.transports.loop.time())
+        except Exception:
+            log.exception("internal_error", host=action.host)
+            actions = element.resolve_failed(
+                action.ref, "internal error", self.transports.loop.time()
+            )
+        else:
+            actions = element.targets_ready(action.ref, plan, self.transports.loop.time())
+        self._dispatch(actions)
+
+    def _on_failed(self, peer: Peer) -> None:
+        """A connection to ``peer`` could not be opened or is gone (§17.1.4)."""
+        element = self.element
+        if element is None or self.transports is None:
+            return
+        try:
+            actions = element.transport_failed(peer, self.transports.loop.time())
+        except Exception:
+            log.exception(
+                "internal_error", peer="%s:%s:%d" % (peer.transport, peer.host, peer.port)
+            )
+            return
+        self._dispatch(actions)
 
     def _arm(self, at: float) -> None:
         assert self.transports is not None
@@ -202,8 +304,12 @@ class Server:
         element, transports = self.element, self.transports
         assert element is not None and transports is not None
         self._timer = self._timer_at = None
-        for action in element.handle_timers(transports.loop.time()):
-            transports.send(action)
+        try:
+            actions = element.handle_timers(transports.loop.time())
+        except Exception:
+            log.exception("internal_error", where="timers")
+            actions = []
+        self._dispatch(actions)
         at = element.next_deadline()
         if at is not None:
             self._arm(at)

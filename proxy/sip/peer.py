@@ -18,6 +18,9 @@ class Peer:
     port: int
     listener: int = 0
     conn: int = 0
+    #: The name a TLS server's certificate must carry (RFC 5922 §4: the
+    #: domain of the URI that was resolved); empty for other transports.
+    name: str = ""
 
     @property
     def reliable(self) -> bool:

@@ -62,12 +62,14 @@ __all__ = [
     "UnsupportedUriScheme",
     "branch_for",
     "choose_best",
+    "forward",
     "forward_request",
     "loop_part",
     "make_cancel",
     "preprocess_route",
     "process_response",
     "stateless_unique",
+    "strip_own_via",
     "validate_request",
 ]
 
@@ -305,6 +307,21 @@ def forward_request(
     via_value: str,
     record_route_value: str | None = None,
 ) -> bytes:
+    """The bytes of ``forward(...)``: the request to send to one target."""
+    return bytes(
+        forward(
+            req, target_uri=target_uri, via_value=via_value, record_route_value=record_route_value
+        )
+    )
+
+
+def forward(
+    req: Request,
+    *,
+    target_uri: str | None,
+    via_value: str,
+    record_route_value: str | None = None,
+) -> Request:
     """The request to send to one target (RFC 3261 §16.6 steps 1-9).
 
     Built from the received header lines; only these change:
@@ -374,8 +391,16 @@ def forward_request(
         lines.append("Content-Length: %d" % len(req.body))
         keys.append("content-length")
 
-    head = "%s %s %s\r\n%s\r\n\r\n" % (req.method, uri, req.version, "\r\n".join(lines))
-    return head.encode("latin-1") + req.body
+    return replace(
+        req,
+        lines=lines,
+        keys=keys,
+        uri=uri,
+        via=None,
+        max_forwards=(req.max_forwards - 1)
+        if req.max_forwards is not None
+        else DEFAULT_MAX_FORWARDS,
+    )
 
 
 def _is_loose(uri: str) -> bool:
@@ -402,6 +427,11 @@ def process_response(
     msg = parse(resp_bytes, stream=stream)
     if not isinstance(msg, Response):
         raise SipError("not a response")
+    return strip_own_via(msg, resp_bytes, my_via_branch)
+
+
+def strip_own_via(msg: Response, resp_bytes: bytes, my_via_branch: str) -> bytes | None:
+    """``process_response`` for a response already parsed from ``resp_bytes``."""
     via = msg.via or msg.top_via()
     if via.branch != my_via_branch:
         return None

@@ -1,16 +1,22 @@
-"""The only place that touches sockets: UDP and TCP listeners, stream framing
-buffers and the connection table (RFC 3261 §18).
+"""The only place that touches sockets: UDP, TCP and TLS listeners, stream
+framing buffers and the connection table (RFC 3261 §18).
 
 Every received datagram or framed stream message is handed to one callback
 as ``(data, Peer)``; ``Transports.send`` puts the core's ``Send`` actions on
-the wire: UDP from the listener the request came in on, TCP on the
-connection the request came in on (§18.2.2).
+the wire: UDP from the listener the peer names, TCP/TLS on the connection
+the peer names (a response goes back on the connection its request came in
+on, §18.2.2), or, for a peer with no connection (a pool server), on the
+persistent connection to that address, opened on first use and reused
+afterwards (§18.1.1).  A connection that cannot be opened, or a named one
+that is gone, is reported to ``on_failed(peer)`` so the core can fail the
+client transactions waiting on it over to the next target (§17.1.4).
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +28,9 @@ from proxy.sip.framing import KeepAlivePing, StreamFramer
 from proxy.sip.peer import Peer, Send
 
 Deliver = Callable[[bytes, Peer], None]
+Failed = Callable[[Peer], object]
+#: Seconds to open an outbound connection (TLS handshake included).
+CONNECT_TIMEOUT = 10.0
 
 UDP_BUFFER = 4 * 1024 * 1024
 log = structlog.get_logger("transport")
@@ -62,25 +71,42 @@ class UdpListener(asyncio.DatagramProtocol):
 
 
 class StreamConnection(asyncio.Protocol):
-    """One accepted TCP connection: frames messages, answers keep-alives."""
+    """One TCP or TLS connection, accepted or opened: frames messages,
+    answers keep-alives."""
 
-    def __init__(self, owner: Transports, listener: int) -> None:
+    def __init__(
+        self, owner: Transports, listener: int, kind: str = "tcp", target: Peer | None = None
+    ) -> None:
         self.owner = owner
         self.listener = listener
+        self.kind = kind
+        self.target = target  # the pool server an outbound connection was opened to
         self.framer = StreamFramer(owner.max_message)
         self.transport: asyncio.Transport | None = None
         self.conn_id = 0
-        self.host = ""
-        self.port = 0
+        self.host = target.host if target is not None else ""
+        self.port = target.port if target is not None else 0
         self.last_active = 0.0
         self.peer: Peer | None = None
+        self.pending: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername") or ("", 0)
-        self.host, self.port = peer[0], peer[1]
+        if self.target is None:
+            peer = transport.get_extra_info("peername") or ("", 0)
+            self.host, self.port = peer[0], peer[1]
         if not self.owner.register(self):
             transport.close()
+            return
+        for data in self.pending:
+            self.transport.write(data)  # type: ignore[union-attr]
+        self.pending.clear()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None:
+            self.pending.append(data)  # still connecting
+        else:
+            self.transport.write(data)
 
     def data_received(self, data: bytes) -> None:
         self.last_active = self.owner.loop.time()
@@ -94,7 +120,7 @@ class StreamConnection(asyncio.Protocol):
             return
         peer = self.peer
         if peer is None:  # one per connection: its address and id never change
-            peer = self.peer = Peer("tcp", self.host, self.port, self.listener, self.conn_id)
+            peer = self.peer = Peer(self.kind, self.host, self.port, self.listener, self.conn_id)
         for ev in events:
             if isinstance(ev, KeepAlivePing):
                 assert self.transport is not None
@@ -117,9 +143,19 @@ class Transports:
         max_message: int = 65535,
         max_connections: int = 4096,
         idle_timeout: float = 600.0,
+        on_failed: Failed | None = None,
+        server_ssl: ssl.SSLContext | None = None,
+        client_ssl: Callable[[], ssl.SSLContext] | None = None,
     ) -> None:
         self.loop = loop
         self.deliver = deliver
+        self.on_failed = on_failed or (lambda peer: None)
+        self.server_ssl = server_ssl
+        self.client_ssl = client_ssl
+        self.outbound: dict[tuple[str, str, int, str], StreamConnection] = {}
+        #: (transport, host, port, number) of every bound socket; ``number``
+        #: is the ``Peer.listener`` of what arrives on it.
+        self.listeners: list[tuple[str, str, int, int]] = []
         self.max_message = max_message
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
@@ -145,28 +181,32 @@ class Transports:
                     )
                     self.udp.append(proto)
                     port = transport.get_extra_info("sockname")[1]
-                elif spec.transport == "tcp":
-                    listener = len(self.servers)
+                    number = index
+                else:
+                    if spec.transport == "tls" and self.server_ssl is None:
+                        raise OSError("no [tls] certificate configured")
+                    number = len(self.servers)
+                    kind = spec.transport
                     server = await self.loop.create_server(
-                        lambda listener=listener: StreamConnection(self, listener),  # type: ignore[misc]
+                        lambda n=number, k=kind: StreamConnection(self, n, k),
                         host=spec.host,
                         port=spec.port,
                         reuse_address=True,
                         backlog=1024,
+                        ssl=self.server_ssl if kind == "tls" else None,
                     )
                     self.servers.append(server)
                     port = server.sockets[0].getsockname()[1]
-                else:
-                    raise OSError("transport %s is not available yet" % spec.transport)
             except OSError as exc:
                 raise OSError("cannot listen on %s: %s" % (spec, exc.strerror or exc)) from None
             bound = ListenAddress(transport=spec.transport, host=spec.host, port=port)
             self.bound.append(str(bound))
+            self.listeners.append((spec.transport, spec.host, port, number))
             log.info("listening", listen=str(bound))
         self._sweeper = self.loop.call_later(min(self.idle_timeout, 30.0), self._sweep)
 
     def register(self, conn: StreamConnection) -> bool:
-        if len(self.connections) >= self.max_connections:
+        if conn.target is None and len(self.connections) >= self.max_connections:
             log.warning(
                 "connection_refused",
                 reason="max_tcp_connections reached",
@@ -181,21 +221,78 @@ class Transports:
 
     def unregister(self, conn: StreamConnection) -> None:
         self.connections.pop(conn.conn_id, None)
+        target = conn.target
+        if target is not None:
+            key = (target.transport, target.host, target.port, target.name)
+            if self.outbound.get(key) is conn:
+                del self.outbound[key]
+            self.on_failed(target)  # what still waits on it will not be answered
 
     def send(self, action: Send) -> None:
         peer = action.peer
         if peer.transport == "udp":
-            listener = self.udp[peer.listener]
-            if listener.transport is not None:
-                listener.transport.sendto(action.data, (peer.host, peer.port))
+            listener = self.udp[peer.listener] if peer.listener < len(self.udp) else None
+            if listener is None or listener.transport is None:
+                self.undeliverable += 1
+                self.on_failed(peer)
+                return
+            listener.transport.sendto(action.data, (peer.host, peer.port))
+            return
+        if not peer.conn:
+            self._outbound(peer).write(action.data)
             return
         conn = self.connections.get(peer.conn)
-        if conn is None or conn.transport is None or conn.transport.is_closing():
+        if (
+            conn is None
+            or conn.transport is None
+            or conn.transport.is_closing()
+            or (conn.host, conn.port) != (peer.host, peer.port)
+        ):
             # §18.2.2 allows opening a new connection to the sent-by; pcproxy sits
             # behind a Front End that keeps its connection, so it counts the loss
             self.undeliverable += 1
+            self.on_failed(peer)
             return
         conn.transport.write(action.data)
+
+    def _outbound(self, peer: Peer) -> StreamConnection:
+        """The persistent connection to a server, opened on first use."""
+        key = (peer.transport, peer.host, peer.port, peer.name)
+        conn = self.outbound.get(key)
+        if conn is None or (conn.transport is not None and conn.transport.is_closing()):
+            conn = StreamConnection(self, peer.listener, peer.transport, peer)
+            self.outbound[key] = conn
+            self.loop.create_task(self._connect(conn, peer))
+        return conn
+
+    async def _connect(self, conn: StreamConnection, peer: Peer) -> None:
+        context: ssl.SSLContext | None = None
+        if peer.transport == "tls":
+            context = self.client_ssl() if self.client_ssl is not None else None
+            if context is None:
+                context = ssl.create_default_context()
+        try:
+            await asyncio.wait_for(
+                self.loop.create_connection(
+                    lambda: conn,
+                    peer.host,
+                    peer.port,
+                    ssl=context,
+                    server_hostname=(peer.name or peer.host) if context is not None else None,
+                ),
+                CONNECT_TIMEOUT,
+            )
+        except (TimeoutError, OSError, ssl.SSLError) as exc:
+            log.info(
+                "connect_failed",
+                peer="%s:%s:%d" % (peer.transport, peer.host, peer.port),
+                error=str(exc) or type(exc).__name__,
+            )
+            key = (peer.transport, peer.host, peer.port, peer.name)
+            if self.outbound.get(key) is conn:
+                del self.outbound[key]
+            conn.pending.clear()
+            self.on_failed(peer)
 
     def _sweep(self) -> None:
         cutoff = self.loop.time() - self.idle_timeout
@@ -213,6 +310,7 @@ class Transports:
             self._sweeper.cancel()
         for server in self.servers:
             server.close()
+        self.on_failed = lambda peer: None
         for conn in list(self.connections.values()):
             if conn.transport is not None:
                 conn.transport.close()

@@ -161,7 +161,7 @@ def table(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def daemon(table: Path) -> Iterator[Daemon]:
-    d = start_daemon(table)
+    d = start_daemon(table, "127.0.0.1", "--mode", "redirect")
     yield d
     if d.proc.poll() is None:
         d.stop()

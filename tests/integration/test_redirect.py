@@ -142,7 +142,7 @@ def test_register_is_refused_with_405(daemon: Daemon, tmp_path: Path) -> None:
 def test_ipv6_listener_redirects(table: Path, tmp_path: Path) -> None:
     if not socket.has_ipv6:
         pytest.skip("no IPv6 on this host")
-    d = start_daemon(table, "::1")
+    d = start_daemon(table, "::1", "--mode", "redirect")
     try:
         for transport in TRANSPORTS:
             redirected(d, tmp_path, r"<sip:ocschat@pcpool\.contoso\.com>", transport=transport)

@@ -8,9 +8,10 @@ the message it is about.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from proxy.element import Element, ElementConfig
-from proxy.sip.peer import Peer
+from proxy.sip.peer import Peer, Send
 from proxy.sip.transaction import Timers
 from proxy.sip.uri import AddressOfRecord
 from proxy.store import Endpoint, Snapshot
@@ -198,3 +199,9 @@ def make_element(*endpoints: Endpoint, **config: object) -> Element:
     eps = endpoints or (endpoint(),)
     cfg = ElementConfig(timers=TIMERS, **config)  # type: ignore[arg-type]
     return Element(snapshot(*eps), cfg)
+
+
+def sends(actions: Sequence[object]) -> list[Send]:
+    """The element's actions, which for a redirect are all ``Send``."""
+    assert all(type(a) is Send for a in actions), actions
+    return [a for a in actions if isinstance(a, Send)]

@@ -21,6 +21,7 @@ from .sipmsg import (
     headers,
     make_element,
     request,
+    sends,
     status_of,
     to_tag,
 )
@@ -35,7 +36,7 @@ def one(sends: list[Send]) -> bytes:
 
 
 def answer(element: Element, data: bytes, peer: Peer = UDP_PEER, now: float = 0.0) -> bytes:
-    return one(element.receive(data, peer, now))
+    return one(sends(element.receive(data, peer, now)))
 
 
 # redirects -------------------------------------------------------------------------
@@ -188,8 +189,11 @@ def test_sip_3_request_is_505() -> None:
 
 def test_garbage_without_a_via_is_dropped_and_counted() -> None:
     element = make_element()
-    assert element.receive(b"\x00\x01garbage\r\n\r\n", UDP_PEER, 0.0) == []
-    assert element.receive(b"INVITE sip:a@b SIP/2.0\r\nTo: <sip:a@b>\r\n\r\n", UDP_PEER, 0.0) == []
+    assert sends(element.receive(b"\x00\x01garbage\r\n\r\n", UDP_PEER, 0.0)) == []
+    assert (
+        sends(element.receive(b"INVITE sip:a@b SIP/2.0\r\nTo: <sip:a@b>\r\n\r\n", UDP_PEER, 0.0))
+        == []
+    )
     assert element.counters["malformed_dropped"] == 2
     assert element.transactions == {}
 
@@ -217,27 +221,27 @@ def test_request_refused_while_being_answered_leaves_no_transaction() -> None:
 def test_via_with_unparsable_params_still_gets_400_at_its_sent_by() -> None:
     """RFC 4475 §3.1.2.1 (badinv01)."""
     data = request(via="SIP/2.0/UDP 192.0.2.15:5070;;,;,,")
-    (send,) = make_element().receive(data, Peer("udp", "192.0.2.15", 40000), 0.0)
+    (send,) = sends(make_element().receive(data, Peer("udp", "192.0.2.15", 40000), 0.0))
     assert status_of(send.data) == 400
     assert send.peer == Peer("udp", "192.0.2.15", 5070)
 
 
 def test_malformed_ack_is_never_answered() -> None:
     element = make_element()
-    assert element.receive(request("ACK", cseq_method="INVITE"), UDP_PEER, 0.0) == []
+    assert sends(element.receive(request("ACK", cseq_method="INVITE"), UDP_PEER, 0.0)) == []
     assert element.counters["malformed_dropped"] == 1
 
 
 def test_responses_are_absorbed() -> None:
     element = make_element()
     data = b"SIP/2.0 200 OK\r\n" + request()[request().index(b"\r\n") + 2 :]
-    assert element.receive(data, UDP_PEER, 0.0) == []
+    assert sends(element.receive(data, UDP_PEER, 0.0)) == []
     assert element.counters["responses_absorbed"] == 1
 
 
 def test_blank_datagram_is_a_keep_alive() -> None:
     element = make_element()
-    assert element.receive(b"\r\n\r\n", UDP_PEER, 0.0) == []
+    assert sends(element.receive(b"\r\n\r\n", UDP_PEER, 0.0)) == []
     assert element.counters == {}
 
 
@@ -256,16 +260,16 @@ def test_302_over_udp_is_retransmitted_at_t1_and_3t1_until_the_ack() -> None:
     invite = request()
     resp = answer(element, invite, now=0.0)
     assert element.next_deadline() == T1
-    assert element.handle_timers(T1 - 0.01) == []
-    assert [s.data for s in element.handle_timers(T1)] == [resp]
+    assert sends(element.handle_timers(T1 - 0.01)) == []
+    assert [s.data for s in sends(element.handle_timers(T1))] == [resp]
     assert element.next_deadline() == 3 * T1
-    assert [s.data for s in element.handle_timers(3 * T1)] == [resp]
+    assert [s.data for s in sends(element.handle_timers(3 * T1))] == [resp]
     assert element.in_flight() == 1
 
-    assert element.receive(ack_for(invite, resp), UDP_PEER, 3 * T1 + 0.1) == []
+    assert sends(element.receive(ack_for(invite, resp), UDP_PEER, 3 * T1 + 0.1)) == []
     assert element.in_flight() == 0
-    assert element.handle_timers(7 * T1) == []
-    assert element.handle_timers(100.0) == []
+    assert sends(element.handle_timers(7 * T1)) == []
+    assert sends(element.handle_timers(100.0)) == []
     assert element.transactions == {}
     assert element.next_deadline() is None
 
@@ -279,7 +283,7 @@ def test_earliest_armed_reports_only_timers_armed_since_it_was_last_asked() -> N
     assert element.earliest_armed() is None  # nothing new since
     answer(element, request(branch="z9hG4bK-other"), now=1.0)
     assert element.earliest_armed() == 1.0 + T1
-    element.receive(ack_for(invite, resp), UDP_PEER, 2.0)
+    sends(element.receive(ack_for(invite, resp), UDP_PEER, 2.0))
     assert element.earliest_armed() == 2.0 + TIMERS.t4  # Timer I
     answer(element, request(branch="z9hG4bK-third"), now=3.0)
     assert element.next_deadline() == 1.0 + T1
@@ -294,7 +298,7 @@ def test_302_without_ack_is_given_up_at_timer_h() -> None:
     while (deadline := element.next_deadline()) is not None:
         assert deadline > now
         now = deadline
-        sent += element.handle_timers(now)
+        sent += sends(element.handle_timers(now))
     assert now == 64 * T1
     assert all(s.data == resp for s in sent)
     assert len(sent) == 10  # 0.5, 1.5, 3.5, 7.5, then every T2 up to 31.5
@@ -306,26 +310,26 @@ def test_ack_taking_the_full_parse_path_is_absorbed_too() -> None:
     element = make_element()
     invite = request(via="SIP/2.0/UDP 127.0.0.1:5060 ;branch=z9hG4bK-slow")
     resp = answer(element, invite)
-    assert element.receive(ack_for(invite, resp), UDP_PEER, 0.1) == []
+    assert sends(element.receive(ack_for(invite, resp), UDP_PEER, 0.1)) == []
     assert element.in_flight() == 0
-    assert element.handle_timers(T1) == []
+    assert sends(element.handle_timers(T1)) == []
 
 
 def test_ack_for_an_unknown_transaction_is_absorbed_silently() -> None:
     element = make_element()
     ack = request("ACK", to="<%s>;tag=x" % CHAT_URI)
-    assert element.receive(ack, UDP_PEER, 0.0) == []
+    assert sends(element.receive(ack, UDP_PEER, 0.0)) == []
     assert element.counters["ack_absorbed"] == 1
 
 
 def test_302_over_tcp_is_not_retransmitted_and_the_ack_ends_it() -> None:
     element = make_element()
     invite = request(via="SIP/2.0/TCP 127.0.0.1:50123;branch=z9hG4bK-t")
-    sends = element.receive(invite, TCP_PEER, 0.0)
-    assert [s.peer for s in sends] == [TCP_PEER]
+    sent = sends(element.receive(invite, TCP_PEER, 0.0))
+    assert [s.peer for s in sent] == [TCP_PEER]
     assert element.next_deadline() == 64 * T1
-    assert element.handle_timers(10.0) == []
-    assert element.receive(ack_for(invite, sends[0].data), TCP_PEER, 1.0) == []
+    assert sends(element.handle_timers(10.0)) == []
+    assert sends(element.receive(ack_for(invite, sent[0].data), TCP_PEER, 1.0)) == []
     assert element.transactions == {}
     assert element.next_deadline() is None
 
@@ -336,7 +340,7 @@ def test_retransmitted_options_gets_the_same_response_until_timer_j() -> None:
     first = answer(element, options, now=0.0)
     assert answer(element, options, now=1.0) == first
     assert element.next_deadline() == 64 * T1
-    assert element.handle_timers(64 * T1) == []
+    assert sends(element.handle_timers(64 * T1)) == []
     assert element.transactions == {}
     assert element.counters["redirects"] == 1
 
@@ -368,7 +372,7 @@ def test_cancel_matches_an_rfc2543_invite() -> None:
 def test_rport_sends_to_the_source_port_and_fills_rport_and_received() -> None:
     source = Peer("udp", "192.0.2.7", 40000, listener=3)
     data = request(via="SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK-r;rport")
-    (send,) = make_element().receive(data, source, 0.0)
+    (send,) = sends(make_element().receive(data, source, 0.0))
     assert send.peer == source
     assert header_line(send.data, "Via") == (
         b"Via: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK-r;rport=40000;received=192.0.2.7"
@@ -379,7 +383,7 @@ def test_rport_from_the_sent_by_address_still_gets_received() -> None:
     """RFC 3581 §4: with rport the server adds received even if it matches."""
     source = Peer("udp", "192.0.2.7", 40000)
     data = request(via="SIP/2.0/UDP 192.0.2.7:5060;rport;branch=z9hG4bK-r")
-    (send,) = make_element().receive(data, source, 0.0)
+    (send,) = sends(make_element().receive(data, source, 0.0))
     assert send.peer == source
     assert header(send.data, "Via") == (
         b"SIP/2.0/UDP 192.0.2.7:5060;rport=40000;branch=z9hG4bK-r;received=192.0.2.7"
@@ -389,7 +393,7 @@ def test_rport_from_the_sent_by_address_still_gets_received() -> None:
 def test_without_rport_a_foreign_sent_by_gets_received_and_its_port() -> None:
     source = Peer("udp", "192.0.2.7", 40000, listener=3)
     data = request(via="SIP/2.0/UDP client.contoso.com:5070;branch=z9hG4bK-n")
-    (send,) = make_element().receive(data, source, 0.0)
+    (send,) = sends(make_element().receive(data, source, 0.0))
     assert send.peer == Peer("udp", "192.0.2.7", 5070, listener=3)
     assert header(send.data, "Via") == (
         b"SIP/2.0/UDP client.contoso.com:5070;branch=z9hG4bK-n;received=192.0.2.7"
@@ -399,7 +403,7 @@ def test_without_rport_a_foreign_sent_by_gets_received_and_its_port() -> None:
 def test_without_rport_a_matching_sent_by_is_left_alone_and_5060_is_the_default() -> None:
     source = Peer("udp", "192.0.2.7", 40000)
     data = request(via="SIP/2.0/UDP 192.0.2.7;branch=z9hG4bK-n")
-    (send,) = make_element().receive(data, source, 0.0)
+    (send,) = sends(make_element().receive(data, source, 0.0))
     assert send.peer == Peer("udp", "192.0.2.7", 5060)
     assert header(send.data, "Via") == b"SIP/2.0/UDP 192.0.2.7;branch=z9hG4bK-n"
 
@@ -410,7 +414,7 @@ def test_only_the_top_via_is_changed() -> None:
         via="SIP/2.0/UDP 10.0.0.1;branch=z9hG4bK-a;rport, SIP/2.0/UDP 10.0.0.2;branch=z9hG4bK-b",
         extra=("Via: SIP/2.0/UDP 10.0.0.3;branch=z9hG4bK-c",),
     )
-    (send,) = make_element().receive(data, source, 0.0)
+    (send,) = sends(make_element().receive(data, source, 0.0))
     assert headers(send.data, "Via") == [
         b"SIP/2.0/UDP 10.0.0.1;branch=z9hG4bK-a;rport=40000;received=192.0.2.7, "
         b"SIP/2.0/UDP 10.0.0.2;branch=z9hG4bK-b",
@@ -420,13 +424,13 @@ def test_only_the_top_via_is_changed() -> None:
 
 def test_maddr_sends_to_that_address() -> None:
     data = request(via="SIP/2.0/UDP 10.0.0.1:5070;maddr=239.255.255.1;branch=z9hG4bK-m")
-    (send,) = make_element().receive(data, Peer("udp", "192.0.2.7", 40000), 0.0)
+    (send,) = sends(make_element().receive(data, Peer("udp", "192.0.2.7", 40000), 0.0))
     assert send.peer == Peer("udp", "239.255.255.1", 5070)
 
 
 def test_tcp_response_goes_back_on_the_same_connection() -> None:
     data = request(via="SIP/2.0/TCP client.contoso.com:5070;branch=z9hG4bK-t")
-    (send,) = make_element().receive(data, TCP_PEER, 0.0)
+    (send,) = sends(make_element().receive(data, TCP_PEER, 0.0))
     assert send.peer is TCP_PEER
 
 
@@ -446,7 +450,7 @@ def test_draining_still_answers_cancel_and_absorbs_acks() -> None:
     resp = answer(element, invite)
     element.draining = True
     assert status_of(answer(element, cancel_for(invite))) == 200
-    assert element.receive(ack_for(invite, resp), UDP_PEER, 0.2) == []
+    assert sends(element.receive(ack_for(invite, resp), UDP_PEER, 0.2)) == []
     assert element.in_flight() == 0
 
 
@@ -456,7 +460,7 @@ def test_in_flight_counts_invites_waiting_for_their_ack() -> None:
     responses = [answer(element, inv) for inv in invites]
     answer(element, request("OPTIONS", branch="z9hG4bK-o"))
     assert element.in_flight() == 3
-    element.receive(ack_for(invites[0], responses[0]), UDP_PEER, 0.1)
+    sends(element.receive(ack_for(invites[0], responses[0]), UDP_PEER, 0.1))
     assert element.in_flight() == 2
 
 

@@ -13,7 +13,7 @@ from proxy.sip.framing import KeepAlivePing, MessageFramed, StreamFramer
 from proxy.sip.message import Request, Response, parse
 from proxy.sip.peer import Send
 
-from .sipmsg import TCP_PEER, UDP_PEER, ack_for, cancel_for, make_element, request, response
+from .sipmsg import TCP_PEER, UDP_PEER, ack_for, cancel_for, make_element, request, response, sends
 
 CORPUS = Path(__file__).parent.parent / "corpus"
 SEEDS = [
@@ -244,10 +244,10 @@ def test_element_receive_never_raises(datagrams: list[bytes], tcp: bool) -> None
     peer = TCP_PEER if tcp else UDP_PEER
     now = 0.0
     for data in datagrams:
-        _check_sends(element.receive(data, peer, now))
+        _check_sends(sends(element.receive(data, peer, now)))
         now += 0.3
-        _check_sends(element.handle_timers(now))
-    _check_sends(element.handle_timers(now + 100.0))
+        _check_sends(sends(element.handle_timers(now)))
+    _check_sends(sends(element.handle_timers(now + 100.0)))
     assert element.transactions == {}
     assert element.next_deadline() is None
 
@@ -259,9 +259,9 @@ def test_element_survives_retransmissions_acks_and_cancels_in_any_order(
 ) -> None:
     element = make_element()
     for n, data in enumerate(datagrams + datagrams[::-1]):
-        _check_sends(element.receive(data, UDP_PEER, n * 0.1))
+        _check_sends(sends(element.receive(data, UDP_PEER, n * 0.1)))
         assert element.in_flight() <= len(element.transactions)
-    _check_sends(element.handle_timers(1000.0))
+    _check_sends(sends(element.handle_timers(1000.0)))
     assert element.transactions == {}
 
 

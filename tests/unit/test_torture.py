@@ -19,7 +19,7 @@ import pytest
 from proxy.sip.message import Response, parse
 from proxy.sip.peer import Send
 
-from .sipmsg import UDP_PEER, make_element, status_of
+from .sipmsg import UDP_PEER, make_element, sends, status_of
 
 CORPUS = Path(__file__).parent.parent / "corpus"
 with open(CORPUS / "expected.toml", "rb") as f:
@@ -37,14 +37,14 @@ def run(data: bytes) -> tuple[list[Send], list[Send]]:
     """Feed one datagram to a fresh element; return what it sends at once and
     what its timers send afterwards, having run every timer to the end."""
     element = make_element()
-    sent = element.receive(data, UDP_PEER, 0.0)
+    sent = sends(element.receive(data, UDP_PEER, 0.0))
     later: list[Send] = []
     for _ in range(100):
         deadline = element.next_deadline()
         if deadline is None:
             break
         assert deadline <= LATER
-        later += element.handle_timers(deadline)
+        later += sends(element.handle_timers(deadline))
     assert element.next_deadline() is None
     assert element.transactions == {}, "a transaction outlived its timers"
     return sent, later
