@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,7 +44,14 @@ from proxy.sip.client_transaction import (
     response_key,
 )
 from proxy.sip.errors import SipError, UriError
-from proxy.sip.headers import NameAddr, Via, option_tags, param_value, split_commas
+from proxy.sip.headers import (
+    MAGIC_COOKIE,
+    NameAddr,
+    Via,
+    option_tags,
+    param_value,
+    split_commas,
+)
 from proxy.sip.message import Header, Request, Response, make_response, parse
 from proxy.sip.peer import Peer, Send
 from proxy.sip.proxy_core import (
@@ -178,6 +186,7 @@ class Context:
         "method",
         "tls_name",
         "record_route",
+        "in_dialog",
         "flow",
         "targets",
         "index",
@@ -213,6 +222,7 @@ class Context:
         self.method = received.method
         self.tls_name = ""
         self.record_route = False
+        self.in_dialog = False
         self.flow: Peer | None = None
         self.targets: list[Target] | None = None
         self.index = 0
@@ -606,7 +616,9 @@ class Element:
         RFC 3263.  An ACK (for a 2xx) is forwarded statelessly (§16.11).
         """
         try:
-            validate_request(req, secret=self.config.secret, is_my_via=self._is_my_via)
+            # a request inside a dialog follows its route set: no loop check
+            # (§16.3 step 4 is for requests the proxy routes by itself)
+            validate_request(req)
             routed, sides = self._pop_own_routes(req)
         except ProxyRejection as exc:
             if txn is None:
@@ -623,6 +635,7 @@ class Element:
                 req, via, peer, txn, 481, diag=(DIAG_NO_DIALOG, "pcproxy holds no such dialog")
             )
         ctx = self._new_context(req, routed, via, peer, txn, dest)
+        ctx.in_dialog = True
         self.counters["in_dialog"] += 1
         side, flow = sides[0][0], next((f for _, f in sides if f is not None), None)
         out = self._trying(ctx, now)
@@ -731,8 +744,12 @@ class Element:
             return None
         cfg = self.config
         stateless = ctx.method == "ACK"
-        unique = stateless_unique(ctx.received) if stateless else None
-        branch = branch_for(ctx.received, cfg.secret, unique=unique)
+        if not ctx.in_dialog:  # the branch carries the loop hash (§16.6 step 8)
+            branch = branch_for(ctx.received, cfg.secret)
+        elif stateless:  # §16.11: the same branch for every retransmission
+            branch = MAGIC_COOKIE + stateless_unique(ctx.received)
+        else:
+            branch = MAGIC_COOKIE + secrets.token_hex(10)
         via_value = "SIP/2.0/%s %s;branch=%s" % (
             target.transport.upper(),
             listener.hostport,

@@ -280,6 +280,14 @@ class Resolver:
     max_stale: float = 86400.0
     stale_recheck: float = 30.0
     max_negative_ttl: float = 300.0
+    #: A "no records" answer that carries no SOA (so no negative TTL, RFC 2308
+    #: §5) is kept this long anyway: a pool with A records only would
+    #: otherwise send one AAAA query per proxied request.
+    min_negative_ttl: float = 5.0
+    #: RFC 9520 §3.2: a lookup that failed (timeout, SERVFAIL, REFUSED) with
+    #: nothing cached is remembered this long (at least 1 s, at most 5 min),
+    #: so a failing DNS is not asked again by every request.
+    failure_cache_ttl: float = 5.0
     failure_ttl: float = 30.0
     clock: Callable[[], float] = time.monotonic
     stats: CacheStats = field(default_factory=CacheStats)
@@ -473,11 +481,15 @@ class Resolver:
             return lookup
         except dns.exception.DNSException as exc:
             reason, unreachable = _reason(exc)
-            return Lookup(None, reason, unreachable)
+            lookup = Lookup(None, reason, unreachable)
+            if (name, rdtype) not in self._cache:  # RFC 9520 §3.2: remember the failure
+                self._store((name, rdtype), lookup, self.failure_cache_ttl, stale=False)
+            return lookup
         ttl = float(answer.chaining_result.minimum_ttl)
         if answer.rrset is None:
             lookup = Lookup(None, "no records")
-            self._store((name, rdtype), lookup, min(ttl, self.max_negative_ttl))
+            negative = max(ttl, self.min_negative_ttl)
+            self._store((name, rdtype), lookup, min(negative, self.max_negative_ttl))
         else:
             lookup = Lookup(answer.rrset)
             self._store((name, rdtype), lookup, min(ttl, MAX_TTL))
@@ -493,9 +505,12 @@ class Resolver:
             ttl = 0.0
         return min(ttl, self.max_negative_ttl)
 
-    def _store(self, key: tuple[str, str], lookup: Lookup, ttl: float) -> None:
+    def _store(
+        self, key: tuple[str, str], lookup: Lookup, ttl: float, *, stale: bool = True
+    ) -> None:
         now = self.clock()
-        self._cache[key] = _Entry(lookup, now + ttl, now + ttl + self.max_stale)
+        until = now + ttl + (self.max_stale if stale else 0.0)
+        self._cache[key] = _Entry(lookup, now + ttl, until)
         self._cache.move_to_end(key)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)

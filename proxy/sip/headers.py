@@ -85,29 +85,35 @@ def _split_outside_quotes(text: str, sep: str, *, angle: bool) -> list[str]:
 def separator_offsets(text: str, sep: str, *, angle: bool, start: int = 0) -> list[int]:
     """Offsets of ``sep`` in ``text`` from ``start``, outside quoted strings
     and, when ``angle``, outside ``<...>`` (§7.3.1, §25.1); raises
-    ``ParseError`` for an unterminated quoted string."""
-    offsets: list[int] = []
-    quoted = in_angle = False
-    i, n = start, len(text)
-    while i < n:
-        ch = text[i]
-        if quoted:
-            if ch == "\\":
-                i += 1
-            elif ch == '"':
-                quoted = False
-        elif ch == '"':
-            quoted = True
-        elif angle and ch == "<":
-            in_angle = True
-        elif angle and ch == ">":
-            in_angle = False
-        elif ch == sep and not in_angle:
-            offsets.append(i)
-        i += 1
-    if quoted:
-        raise ParseError("unbalanced quotes in %r" % text[:80])
+    ``ParseError`` for an unterminated quoted string.
+
+    One regular-expression scan: quoted strings (with their quoted-pairs)
+    and bracketed URIs are matched whole and skipped, so only separators
+    outside them are reported.
+    """
+    if '"' not in text and not (angle and "<" in text):
+        offsets = []
+        at = text.find(sep, start)
+        while at >= 0:
+            offsets.append(at)
+            at = text.find(sep, at + 1)
+        return offsets
+    scanner = _SCANNERS.get((sep, angle))
+    if scanner is None:
+        scanner = _SCANNERS[(sep, angle)] = re.compile(
+            r'"(?:[^"\\]|\\.)*"%s|(%s)|(")' % (r"|<[^>]*>?" if angle else "", re.escape(sep)),
+            re.S,
+        )
+    offsets = []
+    for m in scanner.finditer(text, start):
+        if m.group(1) is not None:
+            offsets.append(m.start())
+        elif m.group(2) is not None:
+            raise ParseError("unbalanced quotes in %r" % text[:80])
     return offsets
+
+
+_SCANNERS: dict[tuple[str, bool], re.Pattern[str]] = {}
 
 
 def parse_params(text: str) -> list[tuple[str, str | None]]:

@@ -306,12 +306,31 @@ async def test_nxdomain_is_cached_for_the_soa_negative_ttl() -> None:
 
 @pytest.mark.asyncio
 async def test_unreachable_dns_without_cache_is_a_resolve_error_naming_the_cause() -> None:
-    r, net, _ = resolver()
+    r, net, clock = resolver()
     net.down = dns.resolver.LifetimeTimeout(timeout=1.0, errors=[])  # type: ignore[no-untyped-call]
     with pytest.raises(ResolveError) as info:
         await r.plan(POOL)
     assert "DNS timeout" in info.value.reason
-    assert r.cached() == 0
+    # RFC 9520 §3.2: the failure is remembered for failure_cache_ttl, not retried per request
+    asked = len(net.queries)
+    with pytest.raises(ResolveError) as again:
+        await r.plan(POOL)
+    assert "DNS timeout" in again.value.reason
+    assert len(net.queries) == asked
+    net.down = None
+    clock.now += r.failure_cache_ttl + 0.1
+    assert await r.plan(POOL)  # and forgotten after it: the DNS is asked again
+    assert len(net.queries) > asked
+
+
+@pytest.mark.asyncio
+async def test_a_pool_with_a_records_only_is_planned_from_the_cache() -> None:
+    r, net, _ = resolver()
+    first = await r.plan(POOL, port=5041)
+    asked = len(net.queries)
+    assert r.plan_cached(POOL, port=5041) == first
+    assert len(net.queries) == asked
+    assert r.plan_cached("other.contoso.com", port=5041) is None
 
 
 @pytest.mark.asyncio
