@@ -8,81 +8,21 @@ are written the way an operator writes them.  Each server listens on
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import string
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import dns.exception
-import dns.message
-import dns.query
 import pytest
 
 from proxy.resolve import ResolveError, Resolver, Target, plan
 
-from .conftest import free_port
+from .nsd import DnsServer, start_nsd
 
 pytestmark = pytest.mark.integration
 
-ZONE_DIR = Path(__file__).parent / "dns"
-NSD = shutil.which("nsd") or "/usr/sbin/nsd"
 SRV_POOL = "pool-srv.pcproxy.test"
 A_POOL = "pool-a.pcproxy.test"
-
-
-@dataclass
-class DnsServer:
-    proc: subprocess.Popen[bytes]
-    port: int
-    rundir: Path
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-
-    def log(self) -> str:
-        path = self.rundir / "nsd.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-
-def start_nsd(rundir: Path) -> DnsServer:
-    assert os.path.exists(NSD), (
-        "nsd is not installed: scripts/test installs it (apt-get install nsd)"
-    )
-    port = free_port()
-    rundir.mkdir(parents=True, exist_ok=True)
-    conf = rundir / "nsd.conf"
-    template = string.Template((ZONE_DIR / "nsd.conf.in").read_text())
-    conf.write_text(
-        template.substitute(address="127.0.0.1", port=port, rundir=rundir, zonedir=ZONE_DIR)
-    )
-    proc = subprocess.Popen(
-        [NSD, "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    server = DnsServer(proc, port, rundir)
-    query = dns.message.make_query("ns.pcproxy.test", "A")
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError("nsd exited with %s: %s" % (proc.returncode, server.log()))
-        try:
-            dns.query.udp(query, "127.0.0.1", port=port, timeout=0.2)
-            return server
-        except (dns.exception.Timeout, OSError):
-            time.sleep(0.05)
-    server.stop()
-    raise AssertionError("nsd did not answer within 10 s: %s" % server.log())
 
 
 @pytest.fixture(scope="module")
