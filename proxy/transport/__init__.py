@@ -259,6 +259,13 @@ class Transports:
         """The persistent connection to a server, opened on first use."""
         key = (peer.transport, peer.host, peer.port, peer.name)
         conn = self.outbound.get(key)
+        if conn is None and (not peer.name or peer.name == peer.host):
+            # a URI naming the address itself (a pool server's Contact) reuses
+            # the connection already open, and authenticated, to that address
+            for (transport, host, port, _), other in self.outbound.items():
+                if (transport, host, port) == key[:3]:
+                    conn = other
+                    break
         if conn is None or (conn.transport is not None and conn.transport.is_closing()):
             conn = StreamConnection(self, peer.listener, peer.transport, peer)
             self.outbound[key] = conn
