@@ -84,7 +84,7 @@ def parse_args(mode, doc, argv=None):
     )
     if proxy:
         quick_help = (
-            "smoke run: the 1000 calls/s latency step and one 2000 calls/s step per "
+            "smoke run: the 300 calls/s latency step and one 500 calls/s step per "
             "system and transport, a short memory step, no bisection, about a minute"
         )
     else:
@@ -112,7 +112,7 @@ def parse_args(mode, doc, argv=None):
     ap.add_argument(
         "--fixed-rate",
         type=float,
-        default=2000.0 if proxy else 10000.0,
+        default=400.0 if proxy else 10000.0,
         help="rate of the fixed steps (calls/s) whose CPU per call gives the ratio",
     )
     ap.add_argument(
@@ -124,11 +124,11 @@ def parse_args(mode, doc, argv=None):
     ap.add_argument(
         "--moderate-rate",
         type=float,
-        default=1000.0,
+        default=300.0 if proxy else 1000.0,
         help="rate of the latency-traced step (calls/s)",
     )
     ap.add_argument(
-        "--start-rate", type=float, default=2000.0 if proxy else 5000.0, help="first ladder rate"
+        "--start-rate", type=float, default=500.0 if proxy else 5000.0, help="first ladder rate"
     )
     ap.add_argument("--factor", type=float, default=2.0, help="ladder factor")
     ap.add_argument("--max-rate", type=float, default=80000.0, help="highest ladder rate")
@@ -137,8 +137,8 @@ def parse_args(mode, doc, argv=None):
         ap.add_argument(
             "--pause-ms",
             type=int,
-            default=1000,
-            help="call hold time, ACK -> BYE (the harness's default 1000)",
+            default=None,
+            help="call hold time, ACK -> BYE, ms (default 1000, the harness's; 500 with --quick)",
         )
         ap.add_argument(
             "--pool-dns",
@@ -152,7 +152,7 @@ def parse_args(mode, doc, argv=None):
             "--mem-rate",
             type=float,
             default=None,
-            help="memory step: calls/s (default 1000; 500 with --quick)",
+            help="memory step: calls/s (default 500)",
         )
         ap.add_argument(
             "--mem-s",
@@ -165,7 +165,7 @@ def parse_args(mode, doc, argv=None):
             type=int,
             default=None,
             help="memory step: how long the pool holds back its 200 after the 180 "
-            "(default 8000; 2500 with --quick); must exceed --mem-s by a second",
+            "(default 6000; 2000 with --quick); must exceed --mem-s by a second",
         )
         ap.add_argument("--no-memory-step", action="store_true", help="skip the memory step")
     ap.add_argument(
@@ -189,18 +189,22 @@ def parse_args(mode, doc, argv=None):
         cap = 2000.0 if proxy else 5000.0
         a.max_rate = min(a.max_rate, cap)
         a.start_rate = min(a.start_rate, cap)
+        if proxy:
+            a.max_rate = a.start_rate  # one ladder step
         a.bisect = 0
         a.fixed_rate = a.start_rate  # the ladder's first step doubles as the fixed step
         a.fixed_repeats = 0
     if a.step_s is None:
         a.step_s = 5.0
     if proxy:
+        if a.pause_ms is None:
+            a.pause_ms = 500 if a.quick else 1000
         if a.mem_rate is None:
-            a.mem_rate = 500.0 if a.quick else 1000.0
+            a.mem_rate = 500.0
         if a.mem_s is None:
             a.mem_s = 1.0 if a.quick else 4.0
         if a.mem_answer_delay_ms is None:
-            a.mem_answer_delay_ms = 2500 if a.quick else 8000
+            a.mem_answer_delay_ms = 2000 if a.quick else 6000
         if a.mem_answer_delay_ms < a.mem_s * 1000 + 1000:
             die("--mem-answer-delay-ms must exceed --mem-s by at least 1000 ms")
     return a
@@ -571,6 +575,7 @@ class Runner:
         self.checks = {}  # (system, transport) -> check result
         self.steps = []  # every load step, tagged with system/phase
         self.dns = None  # the dnsmasq we started (proxy mode)
+        self.error = None  # what stopped the run early, if anything
         self.t0 = time.monotonic()
         self.deadline = self.t0 + a.budget_s
         self.media_port = pick_media_port(a.host)
@@ -1539,9 +1544,11 @@ def table(a, runner):
         for system in runner.systems:
             res = runner.results.get((system, t))
             if res is None:
+                why = (
+                    "not run (budget)" if runner.error is None else "not run (stopped by an error)"
+                )
                 lines.append(
-                    "| %s | %s | not run (budget) |%s"
-                    % (names[system], t.upper(), " |" * (ncol - 3))
+                    "| %s | %s | %s |%s" % (names[system], t.upper(), why, " |" * (ncol - 3))
                 )
                 continue
             s = res.get("search")
@@ -1730,6 +1737,7 @@ def main(mode, doc, argv=None):
             runner.run()
         except RuntimeError as e:
             log("error: %s" % runner.scrub.text(str(e)))
+            runner.error = str(e)
             runner.record({"kind": "error", "error": str(e)})
             status = 1
         except KeyboardInterrupt:
