@@ -422,6 +422,11 @@ class Element:
         if txn is not None:
             self.counters["retransmissions"] += 1
             return self._run(txn, REQUEST_RETRANSMITTED, now)  # type: ignore[return-value]
+        if key in self._by_server:
+            # the proxied INVITE's transaction ended with the 2xx; its context
+            # lingers and absorbs a retransmission crossing it (RFC 6026 §7.1)
+            self.counters["retransmissions"] += 1
+            return []
 
         dest = response_peer(via, peer)
         txn_cls = InviteServerTransaction if req.method == "INVITE" else NonInviteServerTransaction
@@ -583,7 +588,8 @@ class Element:
         """
         try:
             validate_request(req, secret=self.config.secret, is_my_via=self._is_my_via)
-            forwarded = self._pop_own_routes(req)[0] if "route" in req.keys else req
+            # a Front End's preloaded Route to pcproxy carries no token (§16.4)
+            forwarded = self._pop_own_routes(req, tokens=False)[0] if "route" in req.keys else req
         except ProxyRejection as exc:
             return self._respond(req, via, peer, txn, exc.status, extra=exc.headers())
         endpoint = decision.endpoint
@@ -663,19 +669,23 @@ class Element:
         out.append(Resolve(ctx.ref, host, hop.port, transport))
         return out
 
-    def _pop_own_routes(self, req: Request) -> tuple[Request, list[tuple[str, Peer | None]] | None]:
+    def _pop_own_routes(
+        self, req: Request, *, tokens: bool = True
+    ) -> tuple[Request, list[tuple[str, Peer | None]] | None]:
         """The request without its leading Routes that name this proxy (§16.4),
         and the (side, flow) of each of their tokens; ``None`` if one of them
-        carries no valid token."""
+        carries no valid token (unless ``tokens`` is false: a preloaded Route
+        of an out-of-dialog request has none)."""
         sides: list[tuple[str, Peer | None]] = []
         while "route" in req.keys:
             first = NameAddr.parse(req.get_all("route")[0]).uri
             if not self._is_mine(first):
                 break
-            token = self.tokens.check(parse_uri(first).user)
-            if token is None:
-                return req, None
-            sides.append(token)
+            if tokens:
+                token = self.tokens.check(parse_uri(first).user)
+                if token is None:
+                    return req, None
+                sides.append(token)
             req = preprocess_route(req, first.__eq__)
         return req, sides
 
@@ -909,7 +919,9 @@ class Element:
         out: list[Output] = []
         if status < 200:
             if not current or ctx.finished:
-                return []
+                # a branch pcproxy moved on from (target_timeout) or that
+                # outlived the answer: §16.7 step 10, CANCEL it
+                return self._cancel_branch(client, now)
             ctx.provisional = True
             if ctx.cancelled and not ctx.cancel_sent:
                 out += self._send_cancel(ctx, now)
@@ -1023,16 +1035,29 @@ class Element:
         return list(self._run(ctx.server, ResponseSent(status, data), now))
 
     def _send_cancel(self, ctx: Context, now: float) -> list[Output]:
-        """§16.10, §9.1: CANCEL the pending branch, in a client transaction of its own."""
+        """§16.10, §9.1: CANCEL the pending branch, in a client transaction of
+        its own; if the branch still has no final response after 64*T1, the
+        INVITE is given up (§9.1) and the client answered."""
         client = ctx.client
         ctx.cancel_sent = True
         if client is None:
             return []
+        self.timers.arm(ctx, "X", 64 * self.config.timers.t1, now)
+        return self._cancel_branch(client, now)
+
+    def _cancel_branch(self, client: ClientTransaction, now: float) -> list[Output]:
+        """CANCEL one INVITE branch that has answered provisionally (§9.1)."""
+        if client.request.method != "INVITE" or client.state is not ClientState.PROCEEDING:
+            return []
+        branch = Via.parse(client.request.get_all("via")[0]).branch or ""
+        key = client_key(branch, "CANCEL")
+        if key in self.clients:
+            return []  # already cancelled
         cancel = parse(make_cancel(client.data))
         assert isinstance(cancel, Request)
         txn = NonInviteClientTransaction(cancel, client.peer, self.config.timers)
-        key = client_key(ctx.client_key[0], "CANCEL")
         self.clients[key] = (txn, None)
+        self.counters["cancels_sent"] += 1
         return self._run_client(key, txn, None, txn.start(), now)
 
     def _context_timer(self, ctx: Context, name: str, now: float) -> list[Output]:
@@ -1046,9 +1071,15 @@ class Element:
             return self._branch_failed(ctx, ctx.client, "no answer", now)
         if name == "C":  # §16.8
             if ctx.provisional and not ctx.cancel_sent:
-                ctx.cancelled = True
+                ctx.reasons.append("no final response within Timer C")
                 return self._send_cancel(ctx, now)
             return self._branch_failed(ctx, ctx.client, "Timer C", now)
+        if name == "X":  # §9.1: a CANCELled branch that never ended
+            ctx.client = None
+            if ctx.cancelled or ctx.finals:
+                return self._finish(ctx, now)
+            reason = "; ".join(ctx.reasons) or "no final response"
+            return self._own_final(ctx, 408, (DIAG_POOL_UNREACHABLE, reason), now)
         return []
 
     def _done(self, ctx: Context) -> None:
@@ -1056,7 +1087,7 @@ class Element:
         self.contexts.pop(ctx.ref, None)
         if ctx.server is not None:
             self._by_server.pop(ctx.server.key, None)
-        for name in "TCL":
+        for name in "TCLX":
             self.timers.cancel(ctx, name)
 
     def _reject_malformed(self, exc: SipError, peer: Peer) -> list[Send]:
