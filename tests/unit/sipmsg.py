@@ -205,3 +205,67 @@ def sends(actions: Sequence[object]) -> list[Send]:
     """The element's actions, which for a redirect are all ``Send``."""
     assert all(type(a) is Send for a in actions), actions
     return [a for a in actions if isinstance(a, Send)]
+
+
+# a UAS answering what the element forwarded -----------------------------------------
+#: Compact header names (RFC 3261 §7.3.3) that a reply copies.
+_LONG_NAMES = {b"v": b"via", b"f": b"from", b"t": b"to", b"i": b"call-id", b"m": b"contact"}
+
+
+def header_fields(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(long lower-case name, value) of every header line, folds joined
+    (RFC 3261 §7.3.1), in order; values as written apart from the fold."""
+    head = data.split(b"\r\n\r\n", 1)[0]
+    out: list[tuple[bytes, bytes]] = []
+    for line in head.split(b"\r\n")[1:]:
+        if line[:1] in (b" ", b"\t"):
+            name, value = out[-1]
+            out[-1] = (name, value + b" " + line.strip())
+            continue
+        name, _, value = line.partition(b":")
+        key = name.strip().lower()
+        out.append((_LONG_NAMES.get(key, key), value.strip()))
+    return out
+
+
+def field_values(data: bytes, name: str) -> list[bytes]:
+    """Every value of the header ``name`` (long form; compact forms and
+    folded lines understood), one entry per line."""
+    wanted = name.lower().encode()
+    return [value for key, value in header_fields(data) if key == wanted]
+
+
+def reply_to(
+    req: bytes,
+    status: int,
+    reason: str,
+    *,
+    to_tag: str | None = None,
+    extra: tuple[str, ...] = (),
+    record_route: bool = False,
+) -> bytes:
+    """The response a UAS makes for ``req`` (RFC 3261 §8.2.6): its Via lines
+    as they arrived, From, To (with ``to_tag`` when it had none), Call-ID,
+    CSeq, and its Record-Route lines when ``record_route`` (§12.1.1)."""
+    head = req.split(b"\r\n\r\n", 1)[0]
+    lines = [b"SIP/2.0 %d %s" % (status, reason.encode())]
+    copied = [b"via", b"from", b"to", b"call-id", b"cseq"]
+    if record_route:
+        copied.append(b"record-route")
+    raw_lines: list[bytes] = []
+    for line in head.split(b"\r\n")[1:]:
+        if line[:1] in (b" ", b"\t"):
+            raw_lines[-1] += b"\r\n" + line
+        else:
+            raw_lines.append(line)
+    for line in raw_lines:
+        key = line.partition(b":")[0].strip().lower()
+        key = _LONG_NAMES.get(key, key)
+        if key not in copied:
+            continue
+        if key == b"to" and to_tag is not None and b";tag=" not in line:
+            line += b";tag=" + to_tag.encode()
+        lines.append(line)
+    lines += [e.encode("latin-1") for e in extra]
+    lines.append(b"Content-Length: 0")
+    return b"\r\n".join(lines) + b"\r\n\r\n"
