@@ -356,16 +356,7 @@ class Resolver:
                 addresses[host] = addrs
                 for reason in why:
                     reasons["%s: %s" % (host, reason)] = None
-        targets = order_targets(
-            name,
-            srv=srv,
-            addresses=addresses,
-            port=port,
-            transport=transport,
-            default_port=self.default_port,
-            default_transport=self.default_transport,
-            failed=self.failed(),
-        )
+        targets = self._order(name, srv, addresses, port, transport)
         if not targets:
             if not reasons:
                 reasons["%s: no SRV target available" % name] = None
@@ -403,7 +394,17 @@ class Resolver:
                     if lookup.rdataset:
                         found += [r.to_text() for r in lookup.rdataset]
                 addresses[host] = found
-        targets = order_targets(
+        return self._order(name, srv, addresses, port, transport) or None
+
+    def _order(
+        self,
+        name: str,
+        srv: Mapping[str, dns.rdataset.Rdataset | None],
+        addresses: Mapping[str, Sequence[str]],
+        port: int | None,
+        transport: str | None,
+    ) -> list[Target]:
+        return order_targets(
             name,
             srv=srv,
             addresses=addresses,
@@ -413,7 +414,6 @@ class Resolver:
             default_transport=self.default_transport,
             failed=self.failed() if self._failed else frozenset(),
         )
-        return targets or None
 
     def _fresh(self, name: str, rdtype: str) -> Lookup | None:
         entry = self._cache.get((name, rdtype))
