@@ -942,6 +942,8 @@ class Runner:
             "kamailio": first_line(["kamailio", "-v"]) if "kamailio" in self.systems else None,
             "sipp": first_line(["sipp", "-v"]),
             "git_head": first_line(["git", "-C", REPO, "rev-parse", "--short", "HEAD"]),
+            # uncommitted changes of the measured code (other people edit the tree)
+            "git_dirty": git_dirty(["proxy", "pyproject.toml"]),
             "nproc": os.cpu_count(),
             "media_port": self.media_port,
             "args": {
@@ -1630,13 +1632,7 @@ def table(a, runner):
                     p / k,
                     round(p * 1000),
                     round(k * 1000),
-                    (
-                        "; not sustained by %s at this rate (its CPU then includes "
-                        "retransmitted requests)"
-                        % " and ".join(runner.sys_names[sy] for sy in unsus)
-                    )
-                    if unsus
-                    else "",
+                    unsustained_note(a, runner, t, unsus),
                 )
             )
         else:
@@ -1677,6 +1673,55 @@ def side_notes(a, runner):
                 )
             )
     return out
+
+
+def unsustained_note(a, runner, transport, unsus):
+    """What the ratio line says when a fixed step was not sustained."""
+    if not unsus:
+        return ""
+    names = " and ".join(runner.sys_names[sy] for sy in unsus)
+    if a.mode != "proxy":
+        return (
+            "; not sustained by %s at this rate (its CPU then includes retransmitted requests)"
+            % names
+        )
+    bad = [
+        (sy, r)
+        for sy in unsus
+        for r in fixed_steps(a, runner, sy, transport)
+        if not r.get("sustained")
+    ]
+    why = [
+        "%s: %s failed, %s retrans, p99 %s ms, other load %s cores"
+        % (
+            runner.sys_names[sy],
+            r.get("calls_failed"),
+            r.get("retransmissions"),
+            r.get("rt_p99_ms_bucket"),
+            r.get("other_busy_cores"),
+        )
+        for sy, r in bad
+    ]
+    retrans = any(r.get("retransmissions") for _, r in bad)
+    return "; a fixed step was not sustained (%s)%s" % (
+        "; ".join(why),
+        ": its CPU includes retransmitted requests" if retrans else "",
+    )
+
+
+def git_dirty(paths):
+    """`git status --porcelain` lines for these paths (empty: clean)."""
+    try:
+        cp = subprocess.run(
+            ["git", "-C", REPO, "status", "--porcelain", "--"] + list(paths),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            timeout=20,
+        )
+        return [ln.rstrip() for ln in cp.stdout.splitlines() if ln.strip()]
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def fixed_steps(a, runner, system, transport):
