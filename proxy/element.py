@@ -166,6 +166,10 @@ class MarkFailed:
 
 Output = Send | Resolve | MarkFailed
 
+#: Stands for the request of a context whose INVITE was answered: for 64*T1
+#: the context only absorbs retransmissions, and keeps no message alive.
+_ANSWERED = Request(method="INVITE")
+
 
 class Context:
     """A response context (RFC 3261 §16): one request being proxied.
@@ -947,6 +951,9 @@ class Element:
                 self.timers.cancel(ctx, "C")
                 self._accepted[ctx.client_key] = ctx
                 self.timers.arm(ctx, "L", 64 * self.config.timers.t1, now)
+                # what lingers needs only the keys and the client's address
+                ctx.client, ctx.targets, ctx.finals = None, None, []
+                ctx.request = ctx.received = _ANSWERED
             else:
                 self._done(ctx)
             return out
