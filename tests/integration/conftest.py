@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -256,3 +257,185 @@ def sipp(
     errors = err_file.read_text(errors="replace") if err_file.exists() else ""
     err_file.unlink(missing_ok=True)
     return SippResult(done.returncode, done.stdout[-3000:], errors[-3000:])
+
+
+# --- SIPp as a peer of its own: the client and the pool members of proxy mode ---------
+@dataclass(frozen=True)
+class TracedMessage:
+    """One message as SIPp logged it with ``-trace_msg``: the exact bytes."""
+
+    direction: str  # "sent" or "received"
+    transport: str  # "UDP", "TCP", "TLS"
+    data: bytes
+
+    @property
+    def first_line(self) -> bytes:
+        return self.data.split(b"\r\n", 1)[0]
+
+    def header(self, name: str) -> bytes | None:
+        """The value of the first header line called ``name`` (no compact form)."""
+        head = self.data.split(b"\r\n\r\n", 1)[0]
+        for line in head.split(b"\r\n")[1:]:
+            key, sep, value = line.partition(b":")
+            if sep and key.strip().lower() == name.lower().encode():
+                return value.strip()
+        return None
+
+
+_TRACE_ENTRY = re.compile(
+    rb"^-{47} [^\n]*\n(UDP|TCP|TLS) message (sent|received)"
+    rb" (?:\((\d+) bytes\)|\[(\d+)\] bytes) ?:\n\n",
+    re.M,
+)
+
+
+def traced_messages(path: Path) -> list[TracedMessage]:
+    """The messages of a SIPp ``-message_file``: each entry gives its byte count,
+    so a message is taken exactly, body and all."""
+    data = path.read_bytes() if path.exists() else b""
+    found: list[TracedMessage] = []
+    for m in _TRACE_ENTRY.finditer(data):
+        size = int(m.group(3) or m.group(4))
+        found.append(
+            TracedMessage(m.group(2).decode(), m.group(1).decode(), data[m.end() :][:size])
+        )
+    return found
+
+
+def wait_listening(host: str, port: int, transport: str, timeout: float = 10.0) -> bool:
+    """Whether something listens on ``host:port`` (IPv4) within ``timeout``,
+    read from /proc/net without touching the port."""
+    table = Path("/proc/net/tcp" if transport == "tcp" else "/proc/net/udp")
+    local = "%s:%04X" % (socket.inet_aton(host)[::-1].hex().upper(), port)
+    state = "0A" if transport == "tcp" else "07"  # LISTEN, or an unconnected UDP socket
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in table.read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1] == local and fields[3] == state:
+                return True
+        time.sleep(0.02)
+    return False
+
+
+SIPP_FILES = ("messages", "errors", "screen")
+"""What a ``SippPeer`` named N leaves in its workdir: N.messages (-trace_msg),
+N.errors (-trace_err), N.screen (its stdout)."""
+
+
+@dataclass
+class SippPeer:
+    """A SIPp process run in the background, as the client or as a pool member.
+
+    Its message trace, error file and screen go to ``workdir/<name>.*``; it is
+    bounded by ``-timeout`` and stopped by its PID.
+    """
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    host: str
+    port: int
+    transport: str
+    workdir: Path
+    timeout: float
+
+    @property
+    def trace(self) -> Path:
+        return self.workdir / ("%s.%s" % (self.name, SIPP_FILES[0]))
+
+    @property
+    def error_file(self) -> Path:
+        return self.workdir / ("%s.%s" % (self.name, SIPP_FILES[1]))
+
+    @property
+    def screen(self) -> Path:
+        return self.workdir / ("%s.%s" % (self.name, SIPP_FILES[2]))
+
+    def wait(self, timeout: float | None = None) -> SippResult:
+        """Its exit (0: every call passed), its screen and its errors."""
+        try:
+            code = self.proc.wait(self.timeout + 10 if timeout is None else timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            code = -1
+        screen = self.screen.read_text(errors="replace") if self.screen.exists() else ""
+        errors = self.error_file.read_text(errors="replace") if self.error_file.exists() else ""
+        return SippResult(code, screen[-3000:], errors[-3000:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+    def messages(self) -> list[TracedMessage]:
+        return traced_messages(self.trace)
+
+    def describe(self) -> str:
+        """What to read when a call failed: errors and the message trace."""
+        result = self.wait(0) if self.proc.poll() is not None else None
+        trace = self.trace.read_bytes().decode(errors="replace") if self.trace.exists() else ""
+        return "--- SIPp %s (%s:%d/%s) exit %s\nerrors:\n%s\ntrace:\n%s" % (
+            self.name,
+            self.host,
+            self.port,
+            self.transport,
+            None if result is None else result.returncode,
+            "" if result is None else result.errors,
+            trace[-6000:],
+        )
+
+
+def start_sipp(
+    scenario: str,
+    workdir: Path,
+    name: str,
+    *,
+    host: str,
+    port: int | None = None,
+    transport: str = "tcp",
+    remote: str | None = None,
+    calls: int = 1,
+    rate: int = 10,
+    timeout: float = 30.0,
+    recv_timeout: float = 10.0,
+    service: str | None = None,
+    keys: dict[str, str] | None = None,
+) -> SippPeer:
+    """Start SIPp on ``host:port`` (a free port if none): a UAS waiting for
+    ``calls`` calls when ``remote`` is None, else a UAC calling ``remote``
+    (``service`` is the user part of its Request-URI, SIPp's ``-s``).
+
+    Everything SIPp binds is on ``host`` (``-bind_local``, media and control
+    ports too); ``-m``, ``-timeout`` and ``-recv_timeout`` bound it.  A UAS is
+    listening when this returns.
+    """
+    if SIPP is None:
+        pytest.fail("sipp is not installed: run scripts/test (apt-get install sip-tester)")
+    port = port or free_port(host)
+    trace, error_file, screen = (workdir / ("%s.%s" % (name, x)) for x in SIPP_FILES)
+    cmd = [SIPP, *([remote] if remote else []), "-sf", str(SCENARIOS / scenario)]
+    cmd += ["-s", service] if service else []
+    cmd += ["-i", host, "-p", str(port), "-bind_local", "-t", "t1" if transport == "tcp" else "u1"]
+    cmd += ["-m", str(calls), "-r", str(rate), "-l", str(calls)]
+    cmd += ["-timeout", "%ds" % int(timeout), "-timeout_error"]
+    cmd += ["-recv_timeout", str(int(recv_timeout * 1000)), "-nostdin"]
+    cmd += ["-trace_msg", "-message_file", str(trace)]
+    cmd += ["-trace_err", "-error_file", str(error_file)]
+    cmd += ["-mi", host, "-mp", str(free_port(host)), "-ci", host, "-cp", str(free_port(host))]
+    for key, value in (keys or {}).items():
+        cmd += ["-key", key, value]
+    with screen.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir
+        )
+    peer = SippPeer(name, proc, host, port, transport, workdir, timeout)
+    if remote is None and not wait_listening(host, port, transport):
+        peer.stop()
+        raise AssertionError(
+            "SIPp %s did not listen on %s:%d\n%s" % (name, host, port, peer.describe())
+        )
+    return peer
