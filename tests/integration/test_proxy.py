@@ -61,6 +61,8 @@ MEMBER = {
     "REFUSE_LIVE_PORT": "127.0.0.3",
     "BUSY_503_PORT": "127.0.0.4",
     "BUSY_LIVE_PORT": "127.0.0.5",
+    "SLOW_SILENT_PORT": "127.0.0.2",
+    "SLOW_LIVE_PORT": "127.0.0.3",
     "DOWN_DEAD_PORT": "127.0.0.2",
     "DOWN_SILENT_PORT": "127.0.0.3",
     "SHORT_PORT": "127.0.0.6",
@@ -100,6 +102,7 @@ def proxy_table(tmp_path: Path, pool_net: PoolNet) -> Path:
         "sip:pairchat@contoso.com,pool-a.pcproxy.test,,,%d,tcp" % pool_net.ports["A_PORT"],
         "sip:refusechat@contoso.com,pool-refuse.pcproxy.test,,,,",
         "sip:busychat@contoso.com,pool-busy.pcproxy.test,,,,",
+        "sip:slowchat@contoso.com,pool-slow.pcproxy.test,,,,",
         "sip:downchat@contoso.com,pool-down.pcproxy.test,,,,",
         "sip:shortchat@contoso.com,pool-short.pcproxy.test,,,,tcp",
         "sip:legacychat@contoso.com,pcpool.contoso.com,,redirect,,",
@@ -494,6 +497,19 @@ class SilentMember:
         self.stopped.set()
         self.thread.join(5)
         self.listener.close()
+
+
+def test_silent_srv_target_fails_over_after_target_timeout(
+    proxy_daemon: Daemon, pool_net: PoolNet, tmp_path: Path
+) -> None:
+    silent = SilentMember(*pool_net.member("SLOW_SILENT_PORT"))
+    try:
+        live = pool_member(pool_net, "SLOW_LIVE_PORT", "pool_call.xml", tmp_path)
+        caller = client(proxy_daemon, "gc_call.xml", tmp_path, service="slowchat", transport="udp")
+        run_calls(proxy_daemon, caller, live)
+    finally:
+        silent.close()
+    assert b"INVITE sip:slowchat@contoso.com SIP/2.0" in silent.received  # it was tried first
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
