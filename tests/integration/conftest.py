@@ -241,6 +241,11 @@ def sipp(
         str(workdir / ("sipp-%s.err" % os.getpid())),
         "-mp",
         str(free_port(host)),
+        # SIPp's control socket on loopback too, not 0.0.0.0
+        "-ci",
+        "127.0.0.1",
+        "-cp",
+        str(free_port()),
     ]
     for k, v in (keys or {}).items():
         cmd += ["-key", k, v]
