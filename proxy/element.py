@@ -14,8 +14,10 @@ came in on for TCP/TLS; over UDP to the source address, and to the source
 port when the top Via has ``rport`` (else the sent-by port).  The top Via of
 the response gets ``received`` (§18.2.1) and the ``rport`` value.
 
-Until the proxy core exists every endpoint, whatever its mode, is answered
-with a redirect.
+An endpoint in redirect mode is answered with a 302 (§8.3); one in proxy mode
+is forwarded statefully (§16): a ``Resolve`` action asks the shell for the
+RFC 3263 plan, ``targets_ready``/``resolve_failed`` bring it back, and one
+client transaction per target (§17.1) carries the request down the plan.
 """
 
 from __future__ import annotations
