@@ -89,6 +89,13 @@ class StreamConnection(asyncio.Protocol):
         self.last_active = 0.0
         self.peer: Peer | None = None
         self.pending: list[bytes] = []
+        #: Every outbound key this connection serves, with the peer first
+        #: sent under it: the target's own, and the names of the same
+        #: address that reuse it (a pool server's Contact).  All are told
+        #: when the connection goes.
+        self.users: dict[tuple[str, str, int, str], Peer] = {}
+        if target is not None:
+            self.users[(target.transport, target.host, target.port, target.name)] = target
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -221,12 +228,10 @@ class Transports:
 
     def unregister(self, conn: StreamConnection) -> None:
         self.connections.pop(conn.conn_id, None)
-        target = conn.target
-        if target is not None:
-            key = (target.transport, target.host, target.port, target.name)
+        for key, user in conn.users.items():
             if self.outbound.get(key) is conn:
                 del self.outbound[key]
-            self.on_failed(target)  # what still waits on it will not be answered
+            self.on_failed(user)  # what still waits on it will not be answered
 
     def send(self, action: Send) -> None:
         peer = action.peer
@@ -261,10 +266,12 @@ class Transports:
         conn = self.outbound.get(key)
         if conn is None and (not peer.name or peer.name == peer.host):
             # a URI naming the address itself (a pool server's Contact) reuses
-            # the connection already open, and authenticated, to that address
+            # the connection already open, and authenticated, to that address;
+            # later sends find it under their own key
             for (transport, host, port, _), other in self.outbound.items():
                 if (transport, host, port) == key[:3]:
-                    conn = other
+                    conn = self.outbound[key] = other
+                    other.users.setdefault(key, peer)
                     break
         if conn is None or (conn.transport is not None and conn.transport.is_closing()):
             conn = StreamConnection(self, peer.listener, peer.transport, peer)
@@ -295,11 +302,11 @@ class Transports:
                 peer="%s:%s:%d" % (peer.transport, peer.host, peer.port),
                 error=str(exc) or type(exc).__name__,
             )
-            key = (peer.transport, peer.host, peer.port, peer.name)
-            if self.outbound.get(key) is conn:
-                del self.outbound[key]
             conn.pending.clear()
-            self.on_failed(peer)
+            for key, user in conn.users.items():
+                if self.outbound.get(key) is conn:
+                    del self.outbound[key]
+                self.on_failed(user)
 
     def _sweep(self) -> None:
         cutoff = self.loop.time() - self.idle_timeout
