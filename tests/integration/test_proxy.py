@@ -590,3 +590,61 @@ def test_redirect_endpoint_still_gets_302_when_the_default_is_proxy(
         expect={"contact": r"^ *<sip:legacychat@pcpool\.contoso\.com> *$"},
     )
     assert result.returncode == 0, result.errors
+
+
+# --- SUBSCRIBE and CANCEL end to end -------------------------------------------------
+def top_via(message: bytes) -> bytes:
+    _, lines, _ = split_message(message)
+    value = next(line.partition(b":")[2] for line in lines if header_name(line) == b"via")
+    return split_first_value(value)[0]
+
+
+def test_subscribe_is_proxied_and_the_pools_notify_routed_back(
+    proxy_daemon: Daemon, pool_net: PoolNet, tmp_path: Path
+) -> None:
+    calls = 2
+    pool = pool_member(pool_net, "SRV_PORT", "sub_pool.xml", tmp_path, calls=calls)
+    caller = client(proxy_daemon, "sub_client.xml", tmp_path, transport="udp", calls=calls)
+    run_calls(proxy_daemon, caller, pool)
+
+    client_sent = by_key(caller.messages(), "sent")
+    client_received = by_key(caller.messages(), "received")
+    pool_sent = by_key(pool.messages(), "sent")
+    pool_received = by_key(pool.messages(), "received")
+    assert sorted(pool_received) == sorted(client_sent)  # SUBSCRIBE, 200 to NOTIFY, un-SUBSCRIBE
+    assert sorted(client_received) == sorted(pool_sent)  # 202, NOTIFY, 200: no 100 to SUBSCRIBE
+    for key, copies in client_sent.items():
+        if not is_request(key):
+            assert_forwarded_response(copies[0], pool_received[key][0], proxy_daemon)
+        elif key[1] == b"1 SUBSCRIBE":  # dialog-creating: UDP in, TCP out, one RR per side
+            assert_forwarded_request(
+                copies[0], pool_received[key][0], proxy_daemon, record_routes=(2,)
+            )
+        else:
+            assert_forwarded_request(copies[0], pool_received[key][0], proxy_daemon)
+    for key, [sent] in pool_sent.items():
+        if is_request(key):  # the NOTIFY, over the client's flow
+            assert_forwarded_request(sent, client_received[key][0], proxy_daemon)
+        else:
+            assert_forwarded_response(sent, client_received[key][0], proxy_daemon)
+
+
+def test_cancel_of_a_ringing_invite_reaches_the_pool_and_487_the_client(
+    proxy_daemon: Daemon, pool_net: PoolNet, tmp_path: Path
+) -> None:
+    pool = pool_member(pool_net, "SRV_PORT", "cancel_pool.xml", tmp_path)
+    caller = client(proxy_daemon, "cancel_client.xml", tmp_path, transport="udp")
+    run_calls(proxy_daemon, caller, pool)
+
+    received = by_key(pool.messages(), "received")
+    [invite] = [copies[0] for key, copies in received.items() if key[2] == b"INVITE"]
+    [cancel] = [copies[0] for key, copies in received.items() if key[2] == b"CANCEL"]
+    [ack] = [copies[0] for key, copies in received.items() if key[2] == b"ACK"]
+    # §9.1 / §16.10: pcproxy's CANCEL and its ACK for the 487 (§17.1.1.3)
+    # carry the branch of the INVITE it forwarded, not the client's
+    assert top_via(cancel) == top_via(invite) == top_via(ack)
+    client_sent = by_key(caller.messages(), "sent")
+    client_via = top_via(next(c[0] for k, c in client_sent.items() if k[2] == b"INVITE"))
+    assert top_via(invite) != client_via
+    statuses = sorted(k[2] for k in by_key(caller.messages(), "received"))
+    assert b"487" in statuses and b"200" in statuses
