@@ -308,10 +308,14 @@ def traced_messages(path: Path) -> list[TracedMessage]:
 
 
 def wait_listening(host: str, port: int, transport: str, timeout: float = 10.0) -> bool:
-    """Whether something listens on ``host:port`` (IPv4) within ``timeout``,
-    read from /proc/net without touching the port."""
-    table = Path("/proc/net/tcp" if transport == "tcp" else "/proc/net/udp")
-    local = "%s:%04X" % (socket.inet_aton(host)[::-1].hex().upper(), port)
+    """Whether something listens on ``host:port`` within ``timeout``, read
+    from /proc/net without touching the port (an address there is written
+    32-bit word by word, each in host byte order)."""
+    v6 = ":" in host
+    packed = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, host)
+    words = b"".join(packed[i : i + 4][::-1] for i in range(0, len(packed), 4))
+    table = Path("/proc/net/%s%s" % ("tcp" if transport == "tcp" else "udp", "6" if v6 else ""))
+    local = "%s:%04X" % (words.hex().upper(), port)
     state = "0A" if transport == "tcp" else "07"  # LISTEN, or an unconnected UDP socket
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -430,7 +434,9 @@ def start_sipp(
     cmd += ["-recv_timeout", str(int(recv_timeout * 1000)), "-nostdin"]
     cmd += ["-trace_msg", "-message_file", str(trace)]
     cmd += ["-trace_err", "-error_file", str(error_file)]
-    cmd += ["-mi", host, "-mp", str(free_port(host)), "-ci", host, "-cp", str(free_port(host))]
+    control = "127.0.0.1" if ":" in host else host  # SIPp's control socket is IPv4 only
+    cmd += ["-mi", host, "-mp", str(free_port(host))]
+    cmd += ["-ci", control, "-cp", str(free_port(control))]
     for key, value in (keys or {}).items():
         cmd += ["-key", key, value]
     with screen.open("wb") as out:

@@ -66,6 +66,7 @@ MEMBER = {
     "DOWN_DEAD_PORT": "127.0.0.2",
     "DOWN_SILENT_PORT": "127.0.0.3",
     "SHORT_PORT": "127.0.0.6",
+    "V6_PORT": "::1",
 }
 """Each port of the zone template and the pool member address it belongs to."""
 
@@ -105,6 +106,7 @@ def proxy_table(tmp_path: Path, pool_net: PoolNet) -> Path:
         "sip:slowchat@contoso.com,pool-slow.pcproxy.test,,,,",
         "sip:downchat@contoso.com,pool-down.pcproxy.test,,,,",
         "sip:shortchat@contoso.com,pool-short.pcproxy.test,,,,tcp",
+        "sip:v6chat@contoso.com,pool-v6.pcproxy.test,,,,",
         "sip:legacychat@contoso.com,pcpool.contoso.com,,redirect,,",
     ]
     csv = tmp_path / "endpoints.csv"
@@ -648,3 +650,46 @@ def test_cancel_of_a_ringing_invite_reaches_the_pool_and_487_the_client(
     assert top_via(invite) != client_via
     statuses = sorted(k[2] for k in by_key(caller.messages(), "received"))
     assert b"487" in statuses and b"200" in statuses
+
+
+def test_ipv6_client_reaches_an_ipv6_only_pool(
+    pool_net: PoolNet, proxy_table: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "proxy.toml"
+    config.write_text(CONFIG)
+    daemon = start_daemon(
+        proxy_table,
+        "::1",
+        "--mode",
+        "proxy",
+        "--nameserver",
+        pool_net.nsd.nameserver,
+        "--config",
+        str(config),
+    )
+    try:
+        pool = pool_member(pool_net, "V6_PORT", "pool_call.xml", tmp_path)
+        caller = start_sipp(
+            "gc_call.xml",
+            tmp_path,
+            "client-v6",
+            host="::1",
+            transport="udp",
+            remote="[::1]:%d" % daemon.port,
+            service="v6chat",
+            keys={"domain": DOMAIN},
+        )
+        run_calls(daemon, caller, pool)
+    finally:
+        daemon.stop()
+    [invite] = [
+        copies[0]
+        for key, copies in by_key(pool.messages(), "received").items()
+        if key[2] == b"INVITE"
+    ]
+    # both of pcproxy's Record-Route URIs name its IPv6 listener (RFC 5118 §4.1)
+    _, lines, _ = split_message(invite)
+    record_route = b",".join(
+        line.partition(b":")[2] for line in lines if header_name(line) == b"record-route"
+    )
+    assert record_route.count(b"[::1]:%d" % daemon.port) == 2, record_route
