@@ -356,6 +356,20 @@ def is_request(key: Key) -> bool:
     return not key[2].isdigit()
 
 
+Traffic = dict[Key, list[bytes]]
+
+
+def traffic(caller: SippPeer, pool: SippPeer) -> tuple[Traffic, Traffic, Traffic, Traffic]:
+    """What the client sent and received, then what the pool sent and received."""
+    client, member = caller.messages(), pool.messages()
+    return (
+        by_key(client, "sent"),
+        by_key(client, "received"),
+        by_key(member, "sent"),
+        by_key(member, "received"),
+    )
+
+
 # --- the Group Chat flow ---------------------------------------------------------------
 def test_group_chat_flow_over_tcp_passes_byte_for_byte(
     proxy_daemon: Daemon, pool_net: PoolNet, tmp_path: Path
@@ -365,10 +379,7 @@ def test_group_chat_flow_over_tcp_passes_byte_for_byte(
     caller = client(proxy_daemon, "gc_client.xml", tmp_path, calls=calls)
     run_calls(proxy_daemon, caller, pool)
 
-    client_sent = by_key(caller.messages(), "sent")
-    client_received = by_key(caller.messages(), "received")
-    pool_sent = by_key(pool.messages(), "sent")
-    pool_received = by_key(pool.messages(), "received")
+    client_sent, client_received, pool_sent, pool_received = traffic(caller, pool)
     # every message of every call arrived once, and nothing else did
     assert sorted(pool_received) == sorted(client_sent)
     assert sorted(k for k in client_received if k[2] != b"100") == sorted(pool_sent)
@@ -404,10 +415,7 @@ def test_udp_client_reaches_a_tcp_pool_with_two_record_routes(
     caller = client(proxy_daemon, "gc_call.xml", tmp_path, transport="udp", calls=calls)
     run_calls(proxy_daemon, caller, pool)
 
-    client_sent = by_key(caller.messages(), "sent")
-    client_received = by_key(caller.messages(), "received")
-    pool_sent = by_key(pool.messages(), "sent")
-    pool_received = by_key(pool.messages(), "received")
+    client_sent, client_received, pool_sent, pool_received = traffic(caller, pool)
     assert {m.transport for m in pool.messages()} == {"TCP"}
     assert {m.transport for m in caller.messages()} == {"UDP"}
     assert sorted(pool_received) == sorted(client_sent)  # INVITE ACK BYE of each call
@@ -609,10 +617,7 @@ def test_subscribe_is_proxied_and_the_pools_notify_routed_back(
     caller = client(proxy_daemon, "sub_client.xml", tmp_path, transport="udp", calls=calls)
     run_calls(proxy_daemon, caller, pool)
 
-    client_sent = by_key(caller.messages(), "sent")
-    client_received = by_key(caller.messages(), "received")
-    pool_sent = by_key(pool.messages(), "sent")
-    pool_received = by_key(pool.messages(), "received")
+    client_sent, client_received, pool_sent, pool_received = traffic(caller, pool)
     assert sorted(pool_received) == sorted(client_sent)  # SUBSCRIBE, 200 to NOTIFY, un-SUBSCRIBE
     assert sorted(client_received) == sorted(pool_sent)  # 202, NOTIFY, 200: no 100 to SUBSCRIBE
     for key, copies in client_sent.items():
