@@ -105,6 +105,10 @@ DIAG_FORGED_ROUTE = 52006
 
 #: Requests that may create a dialog: pcproxy Record-Routes them (§16.6 step 4)
 #: so the dialog's INFO, UPDATE and BYE come back through it.
+#: The timers of a client transaction (§17.1), and pcproxy's own give-up
+#: for a CANCELled INVITE branch that never ends (§9.1).
+GIVE_UP = "Z"
+CLIENT_TIMERS = "ABDEFK" + GIVE_UP
 DIALOG_CREATING = frozenset(("INVITE", "SUBSCRIBE", "REFER", "NOTIFY"))
 
 
@@ -888,10 +892,14 @@ class Element:
                 if ctx is not None:
                     out += self._branch_failed(ctx, client, "unreachable", now)
             elif kind is Terminated:
-                self.clients.pop(key, None)
-                for name in "ABDEFK":
-                    self.timers.cancel(key, name)
+                self._end_client(key)
         return out
+
+    def _end_client(self, key: tuple[str, str]) -> None:
+        """Forget a client transaction and every timer it armed."""
+        self.clients.pop(key, None)
+        for name in CLIENT_TIMERS:
+            self.timers.cancel(key, name)
 
     def _receive_response(self, msg: Response, data: bytes, now: float) -> list[Output]:
         """§16.7 step 1: find the client transaction; a 2xx retransmission of
@@ -949,8 +957,8 @@ class Element:
             self.counters["answered"] += 1
             out += self._to_server(ctx, status, fwd, now)
             if ctx.method == "INVITE":  # keep the context for the 2xx retransmissions
-                self.timers.cancel(ctx, "T")
-                self.timers.cancel(ctx, "C")
+                for name in "TCX":  # a CANCEL sent earlier lost the race: nothing to give up
+                    self.timers.cancel(ctx, name)
                 self._accepted[ctx.client_key] = ctx
                 self.timers.arm(ctx, "L", 64 * self.config.timers.t1, now)
                 # what lingers needs only the keys and the client's address
@@ -1001,7 +1009,7 @@ class Element:
     def _finish(self, ctx: Context, now: float) -> list[Output]:
         """No target left (§16.7 step 6): forward the best final response, or
         answer for the pool when none of its servers gave one."""
-        if ctx.finished:
+        if ctx.finished or ctx.answered:  # a 2xx went to the client: that was final
             return []
         codes = [status for status, _ in ctx.finals]
         if ctx.cancelled and not codes:
@@ -1023,6 +1031,8 @@ class Element:
     ) -> list[Output]:
         """A final response pcproxy makes itself for a proxied request."""
         out: list[Output] = []
+        if ctx.answered:  # a 2xx went to the client: nothing more to answer
+            return out
         if ctx.server is not None and not ctx.finished:
             extra = (
                 [Header.make("Retry-After", str(self.config.retry_after))]
@@ -1067,6 +1077,9 @@ class Element:
         txn = NonInviteClientTransaction(cancel, client.peer, self.config.timers)
         self.clients[key] = (txn, None)
         self.counters["cancels_sent"] += 1
+        # §9.1: a branch still without a final response 64*T1 after its
+        # CANCEL is given up (a pool server that never sends its 487)
+        self.timers.arm(client_key(branch, "INVITE"), GIVE_UP, 64 * self.config.timers.t1, now)
         return self._run_client(key, txn, None, txn.start(), now)
 
     def _context_timer(self, ctx: Context, name: str, now: float) -> list[Output]:
@@ -1181,6 +1194,9 @@ class Element:
             if type(owner) is Context:
                 out += self._context_timer(owner, name, now)
             elif len(owner) == 2:  # type: ignore[arg-type]
+                if name == GIVE_UP:
+                    self._end_client(owner)  # type: ignore[arg-type]
+                    continue
                 entry = self.clients.get(owner)  # type: ignore[call-overload]
                 if entry is not None:
                     client, ctx = entry

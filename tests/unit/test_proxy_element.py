@@ -880,6 +880,7 @@ def test_a_cancelled_invite_the_pool_never_ends_is_487_after_64_t1() -> None:
     assert uac.statuses() == [100, 180, 200, 487]
     assert net.sent_to(uac, b"SIP/2.0 487 ")[0][0] == 1.0 + 64 * T1
     assert net.element.contexts == {}
+    assert net.element.clients == {}  # the INVITE branch is given up too, not left ringing
 
 
 def test_cancel_while_dns_is_pending_is_487_and_nothing_reaches_the_pool() -> None:
@@ -985,6 +986,20 @@ def test_a_branch_cancelled_by_timer_c_that_never_ends_still_ends_for_the_client
     assert net.sent_to(pool, b"CANCEL ")[0][0] == TIMER_C
     assert uac.statuses() == [100, 180, 408]
     assert net.sent_to(uac, b"SIP/2.0 408 ")[0][0] == TIMER_C + 64 * T1
+    assert net.element.contexts == {}
+    assert net.element.clients == {}
+
+
+def test_a_200_crossing_a_cancel_ends_the_call_without_a_late_408() -> None:
+    """The pool answers 200 after pcproxy's CANCEL (§9.1: the CANCEL lost the
+    race): the 2xx is the final answer; 64*T1 later nothing else reaches the client."""
+    pool = Pool("pool1", POOL1, (180, (5.0, 200)), deaf_to_cancel=True)
+    net, uac = wire(pool)
+    uac.call(invite())
+    net.advance(1.0)
+    uac.send(cancel_for(uac.invite))
+    net.advance(64 * T1 + 10.0)
+    assert uac.statuses() == [100, 180, 200, 200]  # the CANCEL's 200, then the INVITE's
     assert net.element.contexts == {}
 
 
