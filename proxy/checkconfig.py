@@ -131,8 +131,8 @@ def validation_problems(
             problems.append(Problem(where, message))
             continue
         message = err["msg"].removeprefix("Value error, ")
-        shown = _show(err.get("input"))
-        if shown is not None and shown not in message:
+        shown = _show(err.get("input"))  # pcproxy's own validators name the value
+        if shown is not None and err["type"] != "value_error" and shown not in message:
             message += ", got %s" % shown
         problems.append(Problem(where or "(top level)", message))
     return problems
