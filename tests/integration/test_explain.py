@@ -8,12 +8,17 @@ pool; one member, SIPp on 127.0.0.2, answers OPTIONS; nothing listens on
 from __future__ import annotations
 
 import json
+import re
+import socket
+import ssl
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from .conftest import SippPeer, cli, free_port, start_sipp
 from .nsd import DnsServer, render_zone, start_nsd
@@ -193,3 +198,87 @@ def test_text_output_names_the_steps_and_the_health(pool: Pool, member: SippPeer
     lines = {line.split()[1]: line for line in text.splitlines() if "/udp" in line}
     assert "up   200 OK" in lines["%s:%d/udp" % (UP, pool.up_port)]
     assert "down connection refused" in lines["%s:%d/udp" % (DOWN, pool.up_port)]
+
+
+# TLS targets: probed with the [tls] client context ------------------------------------------
+TLS_POOL = "pool-tls.pcproxy.test"  # 127.0.0.1 in the static zone (dns/pcproxy.test.zone)
+
+
+def tls_member(context: ssl.SSLContext) -> tuple[socket.socket, threading.Thread]:
+    """A pool server over TLS on 127.0.0.1 that answers one OPTIONS with 200
+    when the handshake succeeds (mutual TLS: ``context`` demands a certificate)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+
+    def serve() -> None:
+        try:
+            conn, _ = listener.accept()
+            with context.wrap_socket(conn, server_side=True) as tls:
+                tls.settimeout(5)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += tls.recv(4096)
+                headers = [
+                    line
+                    for line in data.decode().split("\r\n")[1:]
+                    if re.match(r"(Via|From|To|Call-ID|CSeq):", line)
+                ]
+                tls.sendall(
+                    (
+                        "SIP/2.0 200 OK\r\n%s\r\nContent-Length: 0\r\n\r\n" % "\r\n".join(headers)
+                    ).encode()
+                )
+        except (OSError, ssl.SSLError):
+            pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+@pytest.mark.parametrize("pool_name", [TLS_POOL, "other.contoso.com"], ids=["right", "wrong"])
+def test_tls_target_is_probed_with_the_tls_client_context(tmp_path: Path, pool_name: str) -> None:
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    ours = ca.issue_cert("pcproxy.contoso.com")
+    ours.cert_chain_pems[0].write_to_path(str(tmp_path / "pcproxy.crt"))
+    ours.private_key_pem.write_to_path(str(tmp_path / "pcproxy.key"))
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(pool_name).configure_cert(server)
+    ca.configure_trust(server)
+    server.verify_mode = ssl.CERT_REQUIRED
+    config = tmp_path / "pcproxy.toml"
+    config.write_text(
+        "[tls]\ncertificate = '%s'\nprivate_key = '%s'\nca_bundle = '%s'\n"
+        % (tmp_path / "pcproxy.crt", tmp_path / "pcproxy.key", tmp_path / "ca.pem")
+    )
+    listener, thread = tls_member(server)
+    dns = start_nsd(tmp_path / "nsd")
+    try:
+        port = listener.getsockname()[1]
+        db = tmp_path / "table.db"
+        created = cli(
+            "endpoint", "new", "--sip-address", "sip:ocschat@contoso.com", "--pool-fqdn",
+            TLS_POOL, "--pool-port", str(port), "--pool-transport", "tls", db=db,
+        )  # fmt: skip
+        assert created.returncode == 0, created.stderr
+        done = cli(
+            "explain", "sip:ocschat@contoso.com", "--config", str(config), "--nameserver",
+            dns.nameserver, "--timeout", "2", "--json", db=db,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        [target] = json.loads(done.stdout)["targets"]
+        assert (target["address"], target["port"], target["transport"]) == (
+            "127.0.0.1",
+            port,
+            "tls",
+        )
+        if pool_name == TLS_POOL:
+            assert (target["health"]["state"], target["health"]["status"]) == ("up", 200)
+        else:  # RFC 5922 §7.3: the certificate must name the pool
+            assert target["health"]["state"] == "down"
+            assert "CERTIFICATE_VERIFY_FAILED" in target["health"]["error"]
+    finally:
+        dns.stop()
+        thread.join(10)
+        listener.close()
