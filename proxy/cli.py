@@ -10,10 +10,12 @@ duplicate SIP address, database locked or unusable).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import io
 import json
 import sqlite3
+import ssl
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +26,8 @@ from click.exceptions import NoArgsIsHelpError
 from pydantic import ValidationError
 from tabulate import tabulate
 
-from proxy import __version__
+from proxy import __version__, explain
+from proxy.checkconfig import check_config, summary
 from proxy.config import ConfigError, DnsSettings, ListenAddress, describe, load_settings
 from proxy.log import configure as configure_logging
 from proxy.server import serve
@@ -250,26 +253,137 @@ def serve_command(
 
 @main.command("ping")
 @click.argument("target", metavar="HOST:PORT")
-@click.option("--transport", type=click.Choice(["udp", "tcp"]), default="udp", show_default=True)
+@click.option(
+    "--transport", type=click.Choice(["udp", "tcp", "tls"]), default="udp", show_default=True
+)
 @click.option("--timeout", type=float, default=2.0, show_default=True, metavar="SECONDS")
-def ping_command(target: str, transport: str, timeout: float) -> None:
+@click.option(
+    "--ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="TLS: PEM CA bundle the server's certificate must chain to (default: system CAs).",
+)
+@click.option("--insecure", is_flag=True, help="TLS: do not verify the server's certificate.")
+def ping_command(
+    target: str, transport: str, timeout: float, ca: Path | None, insecure: bool
+) -> None:
     """Send OPTIONS to a running pcproxy; exit 0 if it answers 200.
 
     The container HEALTHCHECK uses it.  Any other answer, or none within
-    --timeout, exits 1 with one line saying what happened.
+    --timeout, exits 1 with one line saying what happened.  Over TLS the
+    server's certificate must name HOST (RFC 5922) unless --insecure.
     """
     try:
         host, port = split_hostport(target)
     except ValueError as exc:
         raise _BadInput("HOST:PORT %s" % exc) from None
+    context = None
+    if transport == "tls":
+        try:
+            context = ssl.create_default_context(cafile=None if ca is None else str(ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise _BadInput("--ca '%s' cannot be used: %s" % (ca, exc.strerror or exc)) from None
+        if insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+    elif ca is not None or insecure:
+        raise _BadInput("--ca and --insecure need --transport tls")
     try:
-        result = ping(host, port, transport, timeout)
+        result = ping(host, port, transport, timeout, context=context)
     except TimeoutError:
         raise _Refused("%s: no answer within %gs" % (target, timeout)) from None
     except OSError as exc:
         raise _Refused("%s: %s" % (target, exc.strerror or exc)) from None
     click.echo("%s: %d %s in %.1f ms" % (target, result.status, result.reason, result.rtt_ms))
     if result.status != 200:
+        raise SystemExit(EXIT_REFUSED)
+
+
+@main.command("check-config")
+@config_option
+def check_config_command(config: Path | None) -> None:
+    """Check a configuration file without starting the daemon.
+
+    Beyond the keys and values: listen sockets that collide, the TLS
+    certificate, key and CA bundle (loaded as the daemon loads them), the
+    endpoint table (opened read-only: schema version, writable directory) and
+    [proxy] secret_file.  Prints a short summary and exits 0 when all is well;
+    else one line per problem, naming the field and the value, and exit 2.
+    """
+    report = check_config(config)
+    if not report.valid:
+        for problem in report.problems:
+            click.echo("pcproxy: error: %s: %s" % (report.source, problem), err=True)
+        raise SystemExit(EXIT_BAD_INPUT)
+    click.echo("\n".join(summary(report)))
+
+
+@main.command("explain")
+@click.argument("uri", metavar="sip:URI")
+@click.option(
+    "--nameserver",
+    "nameservers",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="DNS server to ask (repeatable; replaces [dns] nameservers).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option("--no-probe", is_flag=True, help="Do not send OPTIONS to the targets.")
+@click.option(
+    "--timeout",
+    type=float,
+    metavar="SECONDS",
+    help="Wait this long for each probe (default: [proxy] target_timeout).",
+)
+@table_options
+def explain_command(
+    uri: str,
+    nameservers: tuple[str, ...],
+    as_json: bool,
+    no_probe: bool,
+    timeout: float | None,
+    config: Path | None,
+    db: Path | None,
+) -> None:
+    """Show what the daemon does with a request for URI, and why.
+
+    \b
+    The endpoint the URI matches (user@host as the daemon compares it), the
+    mode and where it comes from, the answer; then every DNS query of the
+    RFC 3263 lookup with its answer or failure, the targets in the order
+    pcproxy tries them, and whether each answers OPTIONS (skip with
+    --no-probe).  Exit 0 when an endpoint matches, 1 when none does (the
+    daemon answers 404), 2 for bad input.
+    """
+    settings = load_settings(config)
+    if nameservers:
+        try:
+            dns = DnsSettings.model_validate(
+                {**settings.dns.model_dump(), "nameservers": list(nameservers)}
+            )
+        except ValidationError as exc:
+            raise _BadInput("--nameserver %s" % describe(exc)) from None
+        settings = settings.model_copy(update={"dns": dns})
+    path = db if db is not None else settings.table.path
+    if not path.exists():
+        raise _Refused("database '%s' does not exist (see 'pcproxy endpoint new')" % path)
+    with EndpointStore(path) as store:
+        snapshot = store.load_snapshot()
+    explanation = explain.decide(snapshot, uri, settings, config)
+    if explanation.found:
+
+        async def look() -> None:
+            targets = await explain.resolve(explanation, settings)
+            if not no_probe:
+                wait = timeout if timeout is not None else settings.proxy.target_timeout
+                await explain.probe(explanation, targets, settings, wait)
+
+        asyncio.run(look())
+    if as_json:
+        click.echo(json.dumps(explain.as_json(explanation), indent=2))
+    else:
+        click.echo("\n".join(explain.render_text(explanation)))
+    if not explanation.found:
         raise SystemExit(EXIT_REFUSED)
 
 

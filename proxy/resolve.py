@@ -227,6 +227,23 @@ class Lookup:
     unreachable: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class QueryRecord:
+    """One DNS query a ``Resolver`` sent and what came of it, for
+    ``Resolver.on_query`` (``pcproxy explain``): never made for cache hits.
+
+    ``seq`` numbers the queries in the order they were sent; ``cached_for``
+    is how long the answer (or the failure) is kept, in seconds.
+    """
+
+    seq: int
+    name: str
+    rdtype: str
+    lookup: Lookup
+    cached_for: float
+    elapsed: float
+
+
 @dataclass(slots=True)
 class _Entry:
     lookup: Lookup
@@ -290,6 +307,9 @@ class Resolver:
     failure_cache_ttl: float = 5.0
     failure_ttl: float = 30.0
     clock: Callable[[], float] = time.monotonic
+    #: Called with every query sent to the DNS (``pcproxy explain`` records
+    #: the steps of a plan this way); ``None``, the daemon's case, costs nothing.
+    on_query: Callable[[QueryRecord], None] | None = None
     stats: CacheStats = field(default_factory=CacheStats)
     dns_resolver: dns.asyncresolver.Resolver = field(init=False)
     _cache: OrderedDict[tuple[str, str], _Entry] = field(init=False, default_factory=OrderedDict)
@@ -297,6 +317,7 @@ class Resolver:
     _inflight: dict[tuple[str, str], asyncio.Future[Lookup]] = field(
         init=False, default_factory=dict
     )
+    _sent: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         configure = self.nameservers is None and not self.endpoints
@@ -455,7 +476,8 @@ class Resolver:
         self.stats.misses += 1
         pending = self._inflight.get(key)
         if pending is None:
-            pending = asyncio.ensure_future(self._query(*key))
+            query = self._query if self.on_query is None else self._traced_query
+            pending = asyncio.ensure_future(query(*key))
             self._inflight[key] = pending
             pending.add_done_callback(lambda _: self._inflight.pop(key, None))
         result = await asyncio.shield(pending)
@@ -466,6 +488,19 @@ class Resolver:
                 self.stats.stale += 1
                 return entry.lookup
         return result
+
+    async def _traced_query(self, name: str, rdtype: str) -> Lookup:
+        """``_query``, reported to ``on_query`` with its order, time and cache life."""
+        self._sent += 1
+        seq = self._sent
+        started = time.monotonic()
+        lookup = await self._query(name, rdtype)
+        elapsed = time.monotonic() - started
+        entry = self._cache.get((name, rdtype))
+        cached_for = max(entry.expires - self.clock(), 0.0) if entry is not None else 0.0
+        if self.on_query is not None:
+            self.on_query(QueryRecord(seq, name, rdtype, lookup, cached_for, elapsed))
+        return lookup
 
     async def _query(self, name: str, rdtype: str) -> Lookup:
         try:

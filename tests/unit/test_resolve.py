@@ -23,6 +23,7 @@ import pytest
 from proxy.resolve import (
     DEFAULT_PORT,
     Hop,
+    QueryRecord,
     ResolveError,
     Resolver,
     Target,
@@ -407,3 +408,41 @@ async def test_all_srv_targets_dot_is_a_resolve_error() -> None:
     with pytest.raises(ResolveError) as info:
         await r.plan("none.contoso.com")
     assert "no SRV target" in info.value.reason
+
+
+# the query hook (pcproxy explain) -------------------------------------------------------
+@pytest.mark.asyncio
+async def test_on_query_reports_each_query_sent_in_order_and_no_cache_hit() -> None:
+    seen: list[QueryRecord] = []
+    r, net, _ = resolver(on_query=seen.append)
+    targets = await r.plan("srv.contoso.com")
+    assert targets == await r.plan("srv.contoso.com")  # the second plan is all cache hits
+    seen.sort(key=lambda q: q.seq)
+    assert [(q.seq, q.name, q.rdtype) for q in seen] == [
+        (n, name, rdtype) for n, (name, rdtype) in enumerate(net.queries, 1)
+    ]
+    assert [(q.name, q.rdtype) for q in seen][:3] == [
+        ("_sips._tcp.srv.contoso.com", "SRV"),
+        ("_sip._tcp.srv.contoso.com", "SRV"),
+        ("_sip._udp.srv.contoso.com", "SRV"),
+    ]
+    by_query = {(q.name, q.rdtype): q for q in seen}
+    assert by_query[("_sip._tcp.srv.contoso.com", "SRV")].lookup.reason == "NXDOMAIN"
+    assert by_query[("_sip._tcp.srv.contoso.com", "SRV")].cached_for == 45  # the SOA's MINIMUM
+    found = by_query[("fe1.contoso.com", "A")]
+    assert found.lookup.rdataset is not None and found.cached_for == 300
+
+
+@pytest.mark.asyncio
+async def test_without_on_query_the_plain_query_runs() -> None:
+    r, _, _ = resolver()
+    assert r.on_query is None
+    called: list[str] = []
+
+    async def traced(name: str, rdtype: str) -> object:
+        called.append(name)
+        raise AssertionError("traced path taken without a hook")
+
+    r._traced_query = traced  # type: ignore[assignment, method-assign]
+    assert [t.address for t in await r.plan("srv.contoso.com")] == ["192.0.2.31", "2001:db8::31"]
+    assert called == []
