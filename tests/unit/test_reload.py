@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import trustme
 
 from proxy.config import ListenAddress, Settings
 from proxy.reload import ReloadHook, apply, changed_keys, replace
@@ -109,3 +110,42 @@ def test_listen_addresses_compare_by_value() -> None:
         }
     )
     assert changed_keys(a, b) == []
+
+
+def test_the_tls_hook_swaps_listener_and_pool_contexts_or_neither(tmp_path: Path) -> None:
+    from proxy import tls
+    from proxy.server import Server
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    for stem in ("old", "new"):
+        cert = ca.issue_cert("pcproxy.contoso.com")
+        cert.cert_chain_pems[0].write_to_path(str(tmp_path / ("%s.pem" % stem)))
+        cert.private_key_pem.write_to_path(str(tmp_path / ("%s.key" % stem)))
+
+    def with_identity(stem: str) -> Settings:
+        return settings(
+            server={"listen": ["tls:127.0.0.1:0"]},
+            tls={
+                "certificate": str(tmp_path / ("%s.pem" % stem)),
+                "private_key": str(tmp_path / ("%s.key" % stem)),
+                "ca_bundle": str(tmp_path / "ca.pem"),
+            },
+        )
+
+    server = Server(with_identity("old"))
+    server.server_contexts = tls.ServerContexts(server.settings.tls)
+    first = (server._client_context(), server.server_contexts.current)
+    report = apply(server.settings, with_identity("new"), server.reload_hooks)
+    assert "tls" in report.applied
+    assert server._client_context() is not first[0]
+    assert server.server_contexts.current is not first[1]
+    assert server.server_contexts.settings.certificate == tmp_path / "new.pem"
+
+    (tmp_path / "bad.pem").write_text("not a certificate\n")
+    (tmp_path / "bad.key").write_text("not a key\n")
+    second = (server._client_context(), server.server_contexts.current)
+    report = apply(report.settings, with_identity("bad"), server.reload_hooks)
+    assert report.failed["tls"].startswith("tls.certificate: %s" % (tmp_path / "bad.pem"))
+    assert (server._client_context(), server.server_contexts.current) == second
+    assert report.settings.tls.certificate == tmp_path / "new.pem"
