@@ -28,7 +28,14 @@ from tabulate import tabulate
 
 from proxy import __version__, explain
 from proxy.checkconfig import check_config, summary
-from proxy.config import ConfigError, DnsSettings, ListenAddress, describe, load_settings
+from proxy.config import (
+    ConfigError,
+    DnsSettings,
+    ListenAddress,
+    Settings,
+    describe,
+    load_settings,
+)
 from proxy.log import configure as configure_logging
 from proxy.server import serve
 from proxy.sip.errors import UriError
@@ -184,7 +191,8 @@ def main() -> None:
     "listen",
     multiple=True,
     metavar="TRANSPORT:HOST:PORT",
-    help="Listen on udp:HOST:PORT or tcp:HOST:PORT (repeatable; replaces [server] listen). "
+    help="Listen on udp:HOST:PORT, tcp:HOST:PORT or tls:HOST:PORT (repeatable; replaces "
+    "[server] listen). "
     "IPv6 hosts in brackets: udp:[::1]:5060. Port 0 picks a free port.",
 )
 @click.option(
@@ -217,9 +225,13 @@ def serve_command(
     """Run the SIP service in the foreground until SIGTERM or SIGINT.
 
     \b
-    SIGHUP reloads the endpoint table; changes made with 'pcproxy endpoint'
-    are picked up within [table] poll_interval anyway.  SIGTERM/SIGINT drain
-    (new requests get 503, in-flight transactions finish) and exit 0.
+    SIGHUP re-reads --config and applies what can change at run time: the
+    endpoint table, TLS certificates, the log level; it logs which changed
+    keys need a restart.  Changes made with 'pcproxy endpoint' are picked up
+    within [table] poll_interval anyway.  SIGTERM/SIGINT drain (new requests
+    get 503, in-flight transactions finish) and exit 0; a second one exits
+    at once.  Under systemd (Type=notify) it reports READY, RELOADING and
+    STOPPING on $NOTIFY_SOCKET.
     """
     settings = load_settings(config)
     overrides: dict[str, object] = {}
@@ -232,21 +244,30 @@ def serve_command(
             raise _BadInput("--listen %s" % exc) from None
     if mode is not None:
         overrides["mode"] = mode
-    server = settings.server.model_copy(update=overrides)
-    table = settings.table.model_copy(update={"path": db}) if db is not None else settings.table
-    logs = settings.log.model_copy(update={"level": log_level}) if log_level else settings.log
     dns = settings.dns
     if nameservers:
         try:
             dns = DnsSettings.model_validate({**dns.model_dump(), "nameservers": list(nameservers)})
         except ValidationError as exc:
             raise _BadInput("--nameserver %s" % describe(exc)) from None
-    settings = settings.model_copy(
-        update={"server": server, "table": table, "log": logs, "dns": dns}
-    )
+
+    def with_options(file: Settings) -> Settings:
+        """The command-line options over the file's values, at start and on SIGHUP."""
+        return file.model_copy(
+            update={
+                "server": file.server.model_copy(update=overrides),
+                "table": file.table.model_copy(update={"path": db}) if db else file.table,
+                "log": file.log.model_copy(update={"level": log_level}) if log_level else file.log,
+                "dns": file.dns.model_copy(update={"nameservers": dns.nameservers})
+                if nameservers
+                else file.dns,
+            }
+        )
+
+    settings = with_options(settings)
     EndpointStore(settings.table.path).close()  # fails here, with one line, if unusable
     configure_logging(settings.log.level)
-    code = serve(settings)
+    code = serve(settings, lambda: with_options(load_settings(config)))
     if code:
         raise SystemExit(code)
 

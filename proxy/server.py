@@ -7,9 +7,13 @@ element's next deadline.  The endpoint table is watched from a thread (SQLite
 validated there, off the loop, and swapped in by rebinding one reference.
 A table that fails to load leaves the previous snapshot in service.
 
-Signals: SIGHUP reloads the table; SIGTERM/SIGINT stop accepting (new
-requests get 503 with Retry-After), let in-flight transactions finish within
-``server.drain_timeout`` and exit 0; a second SIGTERM/SIGINT exits at once.
+Signals: SIGHUP re-reads the configuration file and applies what can change
+at run time (``proxy.reload``: the table, TLS certificates, the log level and
+every hook in ``Server.reload_hooks``), logging what needs a restart;
+SIGTERM/SIGINT stop accepting (new requests get 503 with Retry-After), let
+in-flight transactions finish within ``server.drain_timeout`` and exit 0; a
+second SIGTERM/SIGINT exits at once.  Under systemd each step is announced
+through ``proxy.notify`` (READY, RELOADING, STOPPING, STATUS).
 """
 
 from __future__ import annotations
@@ -20,14 +24,17 @@ import os
 import signal
 import ssl
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import structlog
 
-from proxy import tls
+from proxy import reload, tls
 from proxy.config import Settings
 from proxy.element import Element, ElementConfig, Listener, Output, Resolve
+from proxy.log import configure as configure_logging
+from proxy.notify import Notifier
+from proxy.reload import ReloadHook
 from proxy.resolve import ResolveError, Resolver
 from proxy.sip.peer import Peer, Send
 from proxy.sip.transaction import Timers
@@ -104,8 +111,29 @@ def read_secret(path: Path | None) -> bytes:
 
 
 class Server:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        load: Callable[[], Settings] | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        #: The settings in effect: those of the start, with what reloads applied.
         self.settings = settings
+        #: Reads the configuration again (file and command-line overrides); SIGHUP.
+        self.load: Callable[[], Settings] = load or (lambda: settings)
+        self.notifier = notifier or Notifier()
+        #: What SIGHUP applies, in order; a hook for run-time settings of its
+        #: own is appended here before ``run()`` (see ``proxy.reload``).
+        self.reload_hooks: list[ReloadHook] = [
+            ReloadHook("log", ("log.level",), lambda s: configure_logging(s.log.level)),
+            ReloadHook("tls", TLS_RUNTIME_KEYS, self._reload_tls),
+            ReloadHook("table", ("table.poll_interval",), self._reload_table),
+            # read from self.settings when the drain starts
+            ReloadHook("drain_timeout", ("server.drain_timeout",), lambda s: None),
+        ]
+        self._watcher: TableWatcher | None = None
+        self._reload_task: asyncio.Task[None] | None = None
+        self._reload_again = False
         sip, proxy, dns = settings.sip, settings.proxy, settings.dns
         self.element_config = ElementConfig(
             default_mode=settings.server.mode,
@@ -177,6 +205,7 @@ class Server:
             on_failed=lambda peer: loop.call_soon(self._on_failed, peer),
             server_ssl=self.server_contexts.base_context if self.server_contexts else None,
             client_ssl=self._client_context,
+            tls_peer_allowed=self._tls_peer_allowed,
         )
         try:
             await self.transports.listen(self.settings.server.listen)
@@ -185,14 +214,17 @@ class Server:
             await self.transports.close()
             return 1
         self.element.set_listeners([Listener(*spec) for spec in self.transports.listeners])
+        self._watcher = watcher
         watcher.start()
-        loop.add_signal_handler(signal.SIGHUP, watcher.reload_requested.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         log.info("ready", listen=self.transports.bound, mode=self.settings.server.mode)
+        self.notifier.ready(self._status())
         await self._stop.wait()
 
         log.info("draining", timeout=self.settings.server.drain_timeout)
+        self.notifier.stopping("draining: %d transactions in flight" % self.element.in_flight())
         self.element.draining = True
         await self.transports.stop_accepting()
         deadline = loop.time() + self.settings.server.drain_timeout
@@ -206,12 +238,79 @@ class Server:
         if self._timer is not None:
             self._timer.cancel()
         log.info("stopped", in_flight=self.element.in_flight())
+        self.notifier.close()
         return 0
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         self._signals += 1
         log.info("signal", signal=sig.name, count=self._signals)
         self._stop.set()
+
+    def _status(self) -> str:
+        assert self.element is not None and self.transports is not None
+        return "serving %d endpoints on %s" % (
+            len(self.element.snapshot),
+            ", ".join(self.transports.bound),
+        )
+
+    def _on_reload_signal(self) -> None:
+        """SIGHUP: one reload at a time; a signal during one asks for another."""
+        log.info("signal", signal="SIGHUP")
+        if self._stop.is_set():
+            return
+        if self._reload_task is not None and not self._reload_task.done():
+            self._reload_again = True
+            return
+        self._reload_task = asyncio.get_running_loop().create_task(self._reload())
+        self._tasks.add(self._reload_task)
+        self._reload_task.add_done_callback(self._tasks.discard)
+
+    async def _reload(self) -> None:
+        """Re-read the configuration off the loop, apply it, log one line."""
+        while True:
+            self._reload_again = False
+            self.notifier.reloading()
+            try:
+                new = await asyncio.to_thread(self.load)
+            except Exception as exc:  # ConfigError names the field; keep running as is
+                log.error("reload_failed", error=str(exc))
+                self.notifier.ready("reload failed, previous configuration kept: %s" % exc)
+            else:
+                report = reload.apply(self.settings, new, self.reload_hooks)
+                self.settings = report.settings
+                (log.warning if report.failed or report.restart else log.info)(
+                    "reloaded",
+                    applied=report.applied,
+                    failed=report.failed,
+                    changed=report.changed,
+                    restart_required=report.restart,
+                )
+                status = self._status()
+                if report.failed:
+                    status += "; reload failed for %s" % ", ".join(report.failed)
+                if report.restart:
+                    status += "; restart needed for %s" % ", ".join(report.restart)
+                self.notifier.ready(status)
+            if not self._reload_again or self._stop.is_set():
+                return
+
+    def _reload_tls(self, settings: Settings) -> None:
+        """New certificates for new connections, listeners and pool alike;
+        nothing changes unless both contexts can be built."""
+        client = tls.client_context(settings.tls)
+        if self.server_contexts is not None:
+            self.server_contexts.reload(settings.tls)
+        self._client_ssl = client
+
+    def _reload_table(self, settings: Settings) -> None:
+        if self._watcher is not None:
+            self._watcher.interval = settings.table.poll_interval
+            self._watcher.reload_requested.set()
+
+    def _tls_peer_allowed(self, cert: Mapping[str, object] | None) -> bool:
+        """``[tls] allowed_peers`` as currently loaded (RFC 5922 §7.2)."""
+        contexts = self.server_contexts
+        return contexts is None or tls.peer_allowed(cert, contexts.settings)
 
     def _swap(self, snapshot: Snapshot, why: str) -> None:
         assert self.element is not None
@@ -322,8 +421,21 @@ class Server:
 GC_THRESHOLD = (50_000, 20, 100)
 
 
-def serve(settings: Settings) -> int:
-    """Run the daemon on uvloop until it is stopped; returns the exit status."""
+#: The ``[tls]`` keys a reload applies; ``require_client_certificate`` and
+#: ``min_version`` are fixed in the listeners' base context until a restart.
+TLS_RUNTIME_KEYS = (
+    "tls.certificate",
+    "tls.private_key",
+    "tls.ca_bundle",
+    "tls.verify_server",
+    "tls.allowed_peers",
+)
+
+
+def serve(settings: Settings, load: Callable[[], Settings] | None = None) -> int:
+    """Run the daemon on uvloop until it is stopped; returns the exit status.
+
+    ``load`` reads the configuration again on SIGHUP (default: ``settings``)."""
     import uvloop
 
     # what start-up built (modules, config, the first snapshot) lives as long
@@ -331,4 +443,4 @@ def serve(settings: Settings) -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)
-    return uvloop.run(Server(settings).run())
+    return uvloop.run(Server(settings, load).run())

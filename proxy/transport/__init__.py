@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -26,9 +26,13 @@ from proxy.config import ListenAddress
 from proxy.sip.errors import SipError
 from proxy.sip.framing import KeepAlivePing, StreamFramer
 from proxy.sip.peer import Peer, Send
+from proxy.tls import certificate_names
+from proxy.transport.handshake import describe, observe_handshakes
 
 Deliver = Callable[[bytes, Peer], None]
 Failed = Callable[[Peer], object]
+#: Whether a TLS listener accepts the peer that presented this certificate.
+PeerCheck = Callable[[Mapping[str, object] | None], bool]
 #: Seconds to open an outbound connection (TLS handshake included).
 CONNECT_TIMEOUT = 10.0
 
@@ -102,6 +106,9 @@ class StreamConnection(asyncio.Protocol):
         if self.target is None:
             peer = transport.get_extra_info("peername") or ("", 0)
             self.host, self.port = peer[0], peer[1]
+            if self.kind == "tls" and not self.owner.tls_peer_admitted(self, transport):
+                transport.close()
+                return
         if not self.owner.register(self):
             transport.close()
             return
@@ -153,12 +160,17 @@ class Transports:
         on_failed: Failed | None = None,
         server_ssl: ssl.SSLContext | None = None,
         client_ssl: Callable[[], ssl.SSLContext] | None = None,
+        tls_peer_allowed: PeerCheck | None = None,
     ) -> None:
         self.loop = loop
         self.deliver = deliver
         self.on_failed = on_failed or (lambda peer: None)
         self.server_ssl = server_ssl
         self.client_ssl = client_ssl
+        self.tls_peer_allowed = tls_peer_allowed
+        #: Handshakes on TLS listeners that failed, or whose peer certificate
+        #: names no allowed peer (``[tls] allowed_peers``).
+        self.tls_handshake_failures = 0
         self.outbound: dict[tuple[str, str, int, str], StreamConnection] = {}
         #: (transport, host, port, number) of every bound socket; ``number``
         #: is the ``Peer.listener`` of what arrives on it.
@@ -177,6 +189,8 @@ class Transports:
 
     async def listen(self, addresses: list[ListenAddress]) -> None:
         """Bind every listener; raises OSError naming the address on failure."""
+        if self.server_ssl is not None:
+            observe_handshakes(self.server_ssl, self._handshake_failed)
         for spec in addresses:
             try:
                 if spec.transport == "udp":
@@ -211,6 +225,28 @@ class Transports:
             self.listeners.append((spec.transport, spec.host, port, number))
             log.info("listening", listen=str(bound))
         self._sweeper = self.loop.call_later(min(self.idle_timeout, 30.0), self._sweep)
+
+    def _handshake_failed(self, exc: ssl.SSLError) -> None:
+        self.tls_handshake_failures += 1
+        log.info("tls_handshake_failed", failures=self.tls_handshake_failures, **describe(exc))
+
+    def tls_peer_admitted(self, conn: StreamConnection, transport: asyncio.BaseTransport) -> bool:
+        """Whether an accepted TLS connection's peer is allowed (RFC 5922 §7.2);
+        a refused one counts as a failed handshake."""
+        if self.tls_peer_allowed is None:
+            return True
+        cert = transport.get_extra_info("peercert")
+        if self.tls_peer_allowed(cert):
+            return True
+        self.tls_handshake_failures += 1
+        log.info(
+            "tls_handshake_failed",
+            failures=self.tls_handshake_failures,
+            reason="PEER_NOT_ALLOWED",
+            peer="%s:%d" % (conn.host, conn.port),
+            names=certificate_names(cert) if cert else [],
+        )
+        return False
 
     def register(self, conn: StreamConnection) -> bool:
         if conn.target is None and len(self.connections) >= self.max_connections:
