@@ -26,6 +26,7 @@ from pathlib import Path
 import structlog
 
 from proxy import tls
+from proxy.admission import ADMITTED, Admission, Refused
 from proxy.config import Settings
 from proxy.element import Element, ElementConfig, Listener, Output, Resolve
 from proxy.resolve import ResolveError, Resolver
@@ -128,6 +129,9 @@ class Server:
             default_transport=proxy.default_transport,
             failure_ttl=proxy.failure_ttl,
         )
+        #: The trust boundary; ``admission.configure(settings)`` swaps its
+        #: networks, names and limits at run time.
+        self.admission = Admission(settings)
         self.element: Element | None = None
         self.transports: Transports | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -173,6 +177,7 @@ class Server:
             self._on_message,
             max_message=sip.max_message_size,
             max_connections=sip.max_tcp_connections,
+            max_connections_per_source=self.settings.security.max_connections_per_source,
             idle_timeout=sip.tcp_idle_timeout,
             on_failed=lambda peer: loop.call_soon(self._on_failed, peer),
             server_ssl=self.server_contexts.base_context if self.server_contexts else None,
@@ -222,9 +227,30 @@ class Server:
         element = self.element
         transports = self.transports
         assert element is not None and transports is not None
-        loop = transports.loop
+        now = transports.loop.time()
+        names: tuple[str, ...] | None = None
+        if peer.conn:
+            conn = transports.connections.get(peer.conn)
+            # a connection pcproxy opened itself, to a pool server, is trusted
+            outbound = conn is not None and conn.target is not None
+            names = conn.peer_names if conn is not None else None
+        else:
+            outbound = False
+        verdict = (
+            ADMITTED
+            if outbound
+            else self.admission.check(data, peer.host, now, stream=peer.reliable, names=names)
+        )
+        actions: Sequence[Output]
         try:
-            actions = element.receive(data, peer, loop.time())
+            if verdict is ADMITTED:
+                actions = element.receive(data, peer, now)
+            elif type(verdict) is Refused:  # answered, never forwarded
+                actions = element.refuse(
+                    data, peer, verdict.status, verdict.reason, now, retry_after=verdict.retry_after
+                )
+            else:
+                return  # dropped, counted in admission.counters
         except Exception:  # the core answers every input; a bug must not stop the service
             log.exception(
                 "internal_error", peer="%s:%s:%d" % (peer.transport, peer.host, peer.port)

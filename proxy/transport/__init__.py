@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,7 @@ from proxy.config import ListenAddress
 from proxy.sip.errors import SipError
 from proxy.sip.framing import KeepAlivePing, StreamFramer
 from proxy.sip.peer import Peer, Send
+from proxy.tls import certificate_names
 
 Deliver = Callable[[bytes, Peer], None]
 Failed = Callable[[Peer], object]
@@ -89,12 +91,19 @@ class StreamConnection(asyncio.Protocol):
         self.last_active = 0.0
         self.peer: Peer | None = None
         self.pending: list[bytes] = []
+        #: SIP domain identities (RFC 5922 §7.1) of the verified certificate
+        #: of an accepted TLS connection's peer; None on other connections.
+        self.peer_names: tuple[str, ...] | None = None
+        self.registered = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         if self.target is None:
             peer = transport.get_extra_info("peername") or ("", 0)
             self.host, self.port = peer[0], peer[1]
+            if self.kind == "tls":
+                cert = transport.get_extra_info("peercert")
+                self.peer_names = tuple(certificate_names(cert)) if cert else ()
         if not self.owner.register(self):
             transport.close()
             return
@@ -142,6 +151,7 @@ class Transports:
         *,
         max_message: int = 65535,
         max_connections: int = 4096,
+        max_connections_per_source: int = 64,
         idle_timeout: float = 600.0,
         on_failed: Failed | None = None,
         server_ssl: ssl.SSLContext | None = None,
@@ -158,6 +168,13 @@ class Transports:
         self.listeners: list[tuple[str, str, int, int]] = []
         self.max_message = max_message
         self.max_connections = max_connections
+        #: Accepted connections one source address may hold; may be changed
+        #: at run time (a reload), applies to the next accept.
+        self.max_connections_per_source = max_connections_per_source
+        self._per_source: Counter[str] = Counter()
+        #: ``connections_refused_total`` (max_tcp_connections reached) and
+        #: ``connections_refused_per_source`` (max_connections_per_source).
+        self.counters: Counter[str] = Counter()
         self.idle_timeout = idle_timeout
         self.udp: list[UdpListener] = []
         self.servers: list[asyncio.AbstractServer] = []
@@ -206,13 +223,25 @@ class Transports:
         self._sweeper = self.loop.call_later(min(self.idle_timeout, 30.0), self._sweep)
 
     def register(self, conn: StreamConnection) -> bool:
-        if conn.target is None and len(self.connections) >= self.max_connections:
-            log.warning(
-                "connection_refused",
-                reason="max_tcp_connections reached",
-                peer="%s:%d" % (conn.host, conn.port),
-            )
-            return False
+        """Admit an accepted or opened connection; an accepted one is refused
+        when the connection table or its source's share is full."""
+        if conn.target is None:
+            reason = None
+            if len(self.connections) >= self.max_connections:
+                reason, counter = "max_tcp_connections reached", "connections_refused_total"
+            elif self._per_source[conn.host] >= self.max_connections_per_source:
+                reason, counter = (
+                    "max_connections_per_source reached",
+                    "connections_refused_per_source",
+                )
+            if reason is not None:
+                self.counters[counter] += 1
+                log.warning(
+                    "connection_refused", reason=reason, peer="%s:%d" % (conn.host, conn.port)
+                )
+                return False
+            self._per_source[conn.host] += 1
+        conn.registered = True
         self._next_conn += 1
         conn.conn_id = self._next_conn
         conn.last_active = self.loop.time()
@@ -220,6 +249,13 @@ class Transports:
         return True
 
     def unregister(self, conn: StreamConnection) -> None:
+        if conn.registered and conn.target is None:
+            conn.registered = False
+            left = self._per_source[conn.host] - 1
+            if left > 0:
+                self._per_source[conn.host] = left
+            else:
+                del self._per_source[conn.host]
         self.connections.pop(conn.conn_id, None)
         target = conn.target
         if target is not None:
