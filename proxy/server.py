@@ -223,6 +223,15 @@ class Server:
         self.element.snapshot = snapshot
         log.info("table_loaded", endpoints=len(snapshot), generation=snapshot.generation, why=why)
 
+    def reconfigure_security(self, settings: Settings) -> None:
+        """Apply reloaded ``[security]`` and ``[tls] allowed_peers`` (SIGHUP):
+        networks, names and rates at once; the per-source connection bound
+        from the next accepted connection on."""
+        self.admission.configure(settings)
+        if self.transports is not None:
+            limit = settings.security.max_connections_per_source
+            self.transports.max_connections_per_source = limit
+
     def _on_message(self, data: bytes, peer: Peer) -> None:
         element = self.element
         transports = self.transports
