@@ -235,10 +235,14 @@ class Transports:
                     "connections_refused_per_source",
                 )
             if reason is not None:
-                self.counters[counter] += 1
-                log.warning(
-                    "connection_refused", reason=reason, peer="%s:%d" % (conn.host, conn.port)
-                )
+                count = self.counters[counter] = self.counters[counter] + 1
+                if count & (count - 1) == 0:  # 1, 2, 4, 8...: a flood must not flood the log
+                    log.warning(
+                        "connection_refused",
+                        reason=reason,
+                        peer="%s:%d" % (conn.host, conn.port),
+                        count=count,
+                    )
                 return False
             self._per_source[conn.host] += 1
         conn.registered = True
