@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from proxy.admission import (
     ADMITTED,
@@ -230,3 +233,25 @@ def test_element_refuses_with_503_and_retry_after_on_the_connection() -> None:
 @pytest.mark.parametrize("data", [ACK, RESPONSE, b"garbage\r\n\r\n", b"\r\n\r\n"])
 def test_element_answers_nothing_to_ack_responses_or_garbage(data: bytes) -> None:
     assert make_element().refuse(data, Peer("udp", "127.0.0.9", 5060), 403, "x", 0.0) == []
+
+
+# --- any input ---------------------------------------------------------------------------
+@hypothesis_settings(deadline=None)
+@given(
+    data=st.binary(max_size=64),
+    host=st.one_of(st.ip_addresses().map(str), st.text(max_size=20)),
+    now=st.floats(min_value=0.0, max_value=1e9),
+    stream=st.booleans(),
+    names=st.one_of(st.none(), st.lists(st.text(max_size=10), max_size=3).map(tuple)),
+)
+def test_any_message_from_any_source_gets_a_verdict(
+    data: bytes, host: str, now: float, stream: bool, names: tuple[str, ...] | None
+) -> None:
+    admission = Admission(settings_tls(["fe1.contoso.com"], rate=1.0, burst=1))
+    for _ in range(3):
+        verdict = admission.check(data, host, now, stream=stream, names=names)
+        assert verdict is ADMITTED or isinstance(verdict, Refused | Dropped)
+        if isinstance(verdict, Refused):
+            assert verdict.status in (403, 503)
+            out = make_element().refuse(data, Peer("udp", "127.0.0.1", 5060), 403, "x", now)
+            assert all(status_of(s.data) == 403 for s in out)
