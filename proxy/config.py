@@ -121,6 +121,45 @@ class ProxySettings(BaseModel):
     secret_file: Path | None = None
 
 
+#: Loopback, the RFC 1918 private networks, IPv6 unique local (RFC 4193) and
+#: link-local addresses: where Front End servers of an internal network are.
+DEFAULT_TRUSTED_NETWORKS = (
+    "127.0.0.0/8",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "::1/128",
+    "fc00::/7",
+    "fe80::/10",
+)
+
+
+class SecuritySettings(BaseModel):
+    """The trust boundary: who may send to pcproxy and how fast (``proxy.admission``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    trusted_networks: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TRUSTED_NETWORKS), min_length=1
+    )
+    rate: Annotated[float, Field(ge=0.0)] = 1000.0
+    burst: Annotated[int, Field(ge=1)] = 2000
+    max_connections_per_source: Annotated[int, Field(ge=1)] = 64
+
+    @field_validator("trusted_networks")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        out = []
+        for i, text in enumerate(value):
+            try:
+                out.append(str(ipaddress.ip_network(text, strict=True)))
+            except ValueError as exc:
+                raise ValueError(
+                    "[%d] %r: not a network in CIDR form, e.g. 10.0.0.0/8 (%s)" % (i, text, exc)
+                ) from None
+        return out
+
+
 def parse_nameserver(text: str) -> tuple[str, int]:
     """``HOST`` or ``HOST:PORT`` (IPv6 in brackets) -> (address, port)."""
     if text.startswith("["):
@@ -171,6 +210,7 @@ class Settings(BaseModel):
     proxy: ProxySettings = Field(default_factory=ProxySettings)
     dns: DnsSettings = Field(default_factory=DnsSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
 
 
 def load_settings(path: Path | None) -> Settings:

@@ -102,6 +102,8 @@ DIAG_NO_DIALOG = 52003
 DIAG_BAD_REQUEST = 52004
 DIAG_POOL_UNREACHABLE = 52005
 DIAG_FORGED_ROUTE = 52006
+DIAG_UNTRUSTED = 52007
+DIAG_RATE_LIMITED = 52008
 
 #: Requests that may create a dialog: pcproxy Record-Routes them (§16.6 step 4)
 #: so the dialog's INFO, UPDATE and BYE come back through it.
@@ -387,6 +389,45 @@ class Element:
         except SipError as exc:
             exc.partial = msg  # type: ignore[attr-defined]
             return self._reject_malformed(exc, peer)  # type: ignore[return-value]
+
+    def refuse(
+        self,
+        data: bytes,
+        peer: Peer,
+        status: int,
+        reason: str,
+        now: float,
+        *,
+        retry_after: int | None = None,
+    ) -> list[Send]:
+        """Answer a request the trust boundary refused (``proxy.admission``),
+        statelessly, without routing or forwarding it.
+
+        ``status`` is 403 (untrusted source, RFC 3261 §21.4.4) or 503 with
+        ``Retry-After`` (over the rate, §21.5.4, §20.33).  The response is
+        built per §8.2.6 and sent back per §18.2.2; an ACK, a response or a
+        request whose Via cannot be read gets nothing (§17.2.1, §18.1.2).
+        """
+        cfg = self.config
+        try:
+            req = parse(
+                data,
+                stream=peer.reliable,
+                max_size=cfg.max_message_size,
+                max_headers=cfg.max_headers,
+            )
+            if not isinstance(req, Request) or req.method == "ACK":
+                return []
+            via = req.top_via()
+            vias = response_vias(req, via, peer)
+        except SipError:
+            return []
+        extra = [self._diagnostics(DIAG_UNTRUSTED if status == 403 else DIAG_RATE_LIMITED, reason)]
+        if retry_after is not None:
+            extra.append(Header.make("Retry-After", str(retry_after)))
+        self.counters["responses.%d" % status] += 1
+        resp = make_response(req, status, to_tag=self._new_tag(), via=vias, extra=extra)
+        return [Send(bytes(resp), response_peer(via, peer))]
 
     def _ack_transaction(self, data: bytes) -> ServerTransaction | None:
         """The INVITE transaction an ACK belongs to, from its top Via alone.

@@ -24,12 +24,13 @@ import os
 import signal
 import ssl
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import structlog
 
 from proxy import reload, tls
+from proxy.admission import ADMITTED, Admission, Refused
 from proxy.config import Settings
 from proxy.element import Element, ElementConfig, Listener, Output, Resolve
 from proxy.log import configure as configure_logging
@@ -128,6 +129,7 @@ class Server:
             ReloadHook("log", ("log.level",), lambda s: configure_logging(s.log.level)),
             ReloadHook("tls", TLS_RUNTIME_KEYS, self._reload_tls),
             ReloadHook("table", ("table.poll_interval",), self._reload_table),
+            ReloadHook("security", ("security", "tls.allowed_peers"), self.reconfigure_security),
             # read from self.settings when the drain starts
             ReloadHook("drain_timeout", ("server.drain_timeout",), lambda s: None),
         ]
@@ -156,6 +158,9 @@ class Server:
             default_transport=proxy.default_transport,
             failure_ttl=proxy.failure_ttl,
         )
+        #: The trust boundary; ``admission.configure(settings)`` swaps its
+        #: networks, names and limits at run time.
+        self.admission = Admission(settings)
         self.element: Element | None = None
         self.transports: Transports | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -201,11 +206,11 @@ class Server:
             self._on_message,
             max_message=sip.max_message_size,
             max_connections=sip.max_tcp_connections,
+            max_connections_per_source=self.settings.security.max_connections_per_source,
             idle_timeout=sip.tcp_idle_timeout,
             on_failed=lambda peer: loop.call_soon(self._on_failed, peer),
             server_ssl=self.server_contexts.base_context if self.server_contexts else None,
             client_ssl=self._client_context,
-            tls_peer_allowed=self._tls_peer_allowed,
         )
         try:
             await self.transports.listen(self.settings.server.listen)
@@ -307,23 +312,48 @@ class Server:
             self._watcher.interval = settings.table.poll_interval
             self._watcher.reload_requested.set()
 
-    def _tls_peer_allowed(self, cert: Mapping[str, object] | None) -> bool:
-        """``[tls] allowed_peers`` as currently loaded (RFC 5922 §7.2)."""
-        contexts = self.server_contexts
-        return contexts is None or tls.peer_allowed(cert, contexts.settings)
-
     def _swap(self, snapshot: Snapshot, why: str) -> None:
         assert self.element is not None
         self.element.snapshot = snapshot
         log.info("table_loaded", endpoints=len(snapshot), generation=snapshot.generation, why=why)
 
+    def reconfigure_security(self, settings: Settings) -> None:
+        """Apply reloaded ``[security]`` and ``[tls] allowed_peers`` (SIGHUP):
+        networks, names and rates at once; the per-source connection bound
+        from the next accepted connection on."""
+        self.admission.configure(settings)
+        if self.transports is not None:
+            limit = settings.security.max_connections_per_source
+            self.transports.max_connections_per_source = limit
+
     def _on_message(self, data: bytes, peer: Peer) -> None:
         element = self.element
         transports = self.transports
         assert element is not None and transports is not None
-        loop = transports.loop
+        now = transports.loop.time()
+        names: tuple[str, ...] | None = None
+        if peer.conn:
+            conn = transports.connections.get(peer.conn)
+            # a connection pcproxy opened itself, to a pool server, is trusted
+            outbound = conn is not None and conn.target is not None
+            names = conn.peer_names if conn is not None else None
+        else:
+            outbound = False
+        verdict = (
+            ADMITTED
+            if outbound
+            else self.admission.check(data, peer.host, now, stream=peer.reliable, names=names)
+        )
+        actions: Sequence[Output]
         try:
-            actions = element.receive(data, peer, loop.time())
+            if verdict is ADMITTED:
+                actions = element.receive(data, peer, now)
+            elif type(verdict) is Refused:  # answered, never forwarded
+                actions = element.refuse(
+                    data, peer, verdict.status, verdict.reason, now, retry_after=verdict.retry_after
+                )
+            else:
+                return  # dropped, counted in admission.counters
         except Exception:  # the core answers every input; a bug must not stop the service
             log.exception(
                 "internal_error", peer="%s:%s:%d" % (peer.transport, peer.host, peer.port)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -32,7 +33,6 @@ from proxy.transport.handshake import describe, observe_handshakes
 Deliver = Callable[[bytes, Peer], None]
 Failed = Callable[[Peer], object]
 #: Whether a TLS listener accepts the peer that presented this certificate.
-PeerCheck = Callable[[Mapping[str, object] | None], bool]
 #: Seconds to open an outbound connection (TLS handshake included).
 CONNECT_TIMEOUT = 10.0
 
@@ -100,15 +100,19 @@ class StreamConnection(asyncio.Protocol):
         self.users: dict[tuple[str, str, int, str], Peer] = {}
         if target is not None:
             self.users[(target.transport, target.host, target.port, target.name)] = target
+        #: SIP domain identities (RFC 5922 §7.1) of the verified certificate
+        #: of an accepted TLS connection's peer; None on other connections.
+        self.peer_names: tuple[str, ...] | None = None
+        self.registered = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         if self.target is None:
             peer = transport.get_extra_info("peername") or ("", 0)
             self.host, self.port = peer[0], peer[1]
-            if self.kind == "tls" and not self.owner.tls_peer_admitted(self, transport):
-                transport.close()
-                return
+            if self.kind == "tls":
+                cert = transport.get_extra_info("peercert")
+                self.peer_names = tuple(certificate_names(cert)) if cert else ()
         if not self.owner.register(self):
             transport.close()
             return
@@ -156,18 +160,17 @@ class Transports:
         *,
         max_message: int = 65535,
         max_connections: int = 4096,
+        max_connections_per_source: int = 64,
         idle_timeout: float = 600.0,
         on_failed: Failed | None = None,
         server_ssl: ssl.SSLContext | None = None,
         client_ssl: Callable[[], ssl.SSLContext] | None = None,
-        tls_peer_allowed: PeerCheck | None = None,
     ) -> None:
         self.loop = loop
         self.deliver = deliver
         self.on_failed = on_failed or (lambda peer: None)
         self.server_ssl = server_ssl
         self.client_ssl = client_ssl
-        self.tls_peer_allowed = tls_peer_allowed
         #: Handshakes on TLS listeners that failed, or whose peer certificate
         #: names no allowed peer (``[tls] allowed_peers``).
         self.tls_handshake_failures = 0
@@ -177,6 +180,13 @@ class Transports:
         self.listeners: list[tuple[str, str, int, int]] = []
         self.max_message = max_message
         self.max_connections = max_connections
+        #: Accepted connections one source address may hold; may be changed
+        #: at run time (a reload), applies to the next accept.
+        self.max_connections_per_source = max_connections_per_source
+        self._per_source: Counter[str] = Counter()
+        #: ``connections_refused_total`` (max_tcp_connections reached) and
+        #: ``connections_refused_per_source`` (max_connections_per_source).
+        self.counters: Counter[str] = Counter()
         self.idle_timeout = idle_timeout
         self.udp: list[UdpListener] = []
         self.servers: list[asyncio.AbstractServer] = []
@@ -230,32 +240,30 @@ class Transports:
         self.tls_handshake_failures += 1
         log.info("tls_handshake_failed", failures=self.tls_handshake_failures, **describe(exc))
 
-    def tls_peer_admitted(self, conn: StreamConnection, transport: asyncio.BaseTransport) -> bool:
-        """Whether an accepted TLS connection's peer is allowed (RFC 5922 §7.2);
-        a refused one counts as a failed handshake."""
-        if self.tls_peer_allowed is None:
-            return True
-        cert = transport.get_extra_info("peercert")
-        if self.tls_peer_allowed(cert):
-            return True
-        self.tls_handshake_failures += 1
-        log.info(
-            "tls_handshake_failed",
-            failures=self.tls_handshake_failures,
-            reason="PEER_NOT_ALLOWED",
-            peer="%s:%d" % (conn.host, conn.port),
-            names=certificate_names(cert) if cert else [],
-        )
-        return False
-
     def register(self, conn: StreamConnection) -> bool:
-        if conn.target is None and len(self.connections) >= self.max_connections:
-            log.warning(
-                "connection_refused",
-                reason="max_tcp_connections reached",
-                peer="%s:%d" % (conn.host, conn.port),
-            )
-            return False
+        """Admit an accepted or opened connection; an accepted one is refused
+        when the connection table or its source's share is full."""
+        if conn.target is None:
+            reason = None
+            if len(self.connections) >= self.max_connections:
+                reason, counter = "max_tcp_connections reached", "connections_refused_total"
+            elif self._per_source[conn.host] >= self.max_connections_per_source:
+                reason, counter = (
+                    "max_connections_per_source reached",
+                    "connections_refused_per_source",
+                )
+            if reason is not None:
+                count = self.counters[counter] = self.counters[counter] + 1
+                if count & (count - 1) == 0:  # 1, 2, 4, 8...: a flood must not flood the log
+                    log.warning(
+                        "connection_refused",
+                        reason=reason,
+                        peer="%s:%d" % (conn.host, conn.port),
+                        count=count,
+                    )
+                return False
+            self._per_source[conn.host] += 1
+        conn.registered = True
         self._next_conn += 1
         conn.conn_id = self._next_conn
         conn.last_active = self.loop.time()
@@ -263,6 +271,13 @@ class Transports:
         return True
 
     def unregister(self, conn: StreamConnection) -> None:
+        if conn.registered and conn.target is None:
+            conn.registered = False
+            left = self._per_source[conn.host] - 1
+            if left > 0:
+                self._per_source[conn.host] = left
+            else:
+                del self._per_source[conn.host]
         self.connections.pop(conn.conn_id, None)
         for key, user in conn.users.items():
             if self.outbound.get(key) is conn:

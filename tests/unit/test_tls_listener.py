@@ -1,5 +1,6 @@
 """TLS listeners of the transport layer: failed handshakes are counted and
-logged in one line, ``allowed_peers`` is enforced, OPTIONS reaches the core.
+logged in one line, a connection carries its peer's certificate names (for
+``allowed_peers``, enforced by proxy.admission), OPTIONS reaches the core.
 
 Real handshakes over loopback under uvloop, as the daemon runs; certificates
 from the ``pki`` fixture of ``test_tls``.
@@ -14,7 +15,6 @@ from collections.abc import Awaitable, Callable
 import uvloop
 from structlog.testing import capture_logs
 
-from proxy import tls
 from proxy.config import ListenAddress
 from proxy.sip.peer import Peer
 from proxy.tls import ServerContexts, TlsSettings, client_context
@@ -39,7 +39,6 @@ def run_listener(settings: TlsSettings, scenario: Scenario) -> tuple[Transports,
             loop,
             lambda data, peer: received.append((data, peer)),
             server_ssl=contexts.base_context,
-            tls_peer_allowed=lambda cert: tls.peer_allowed(cert, contexts.settings),
         )
         await transports.listen([ListenAddress.parse("tls:127.0.0.1:0")])
         try:
@@ -95,19 +94,23 @@ def test_failed_handshakes_are_counted_and_logged_without_traceback(pki: Pki) ->
     assert all(e["log_level"] == "info" and "exc_info" not in e for e in failed)
 
 
-def test_a_peer_outside_allowed_peers_is_refused_and_counted(pki: Pki) -> None:
+def test_an_accepted_connection_carries_its_peers_certificate_names(pki: Pki) -> None:
+    """What ``[tls] allowed_peers`` is checked against, request by request
+    (proxy.admission): the names of the verified client certificate."""
     settings = pool_settings(pki, allowed_peers=["fe2.contoso.com"])
+    names: list[tuple[str, ...] | None] = []
 
     async def scenario(t: Transports, port: int, received: Received) -> None:
-        assert await closed_without_answer(client_context(fe_settings(pki, pki.fe)), port)
-        await settle(lambda: t.tls_handshake_failures == 1)
+        client = await connect(port, client_context(fe_settings(pki, pki.fe)))
+        client.writer.write(b"OPTIONS sip:pcproxy.invalid SIP/2.0\r\nContent-Length: 0\r\n\r\n")
+        await client.writer.drain()
+        await settle(lambda: bool(received))
+        names.extend(conn.peer_names for conn in t.connections.values())
+        await client.close()
 
-    with capture_logs() as logs:
-        transports, _ = run_listener(settings, scenario)
-    assert transports.tls_handshake_failures == 1
-    [refused] = [e for e in logs if e["event"] == "tls_handshake_failed"]
-    assert refused["reason"] == "PEER_NOT_ALLOWED" and refused["names"] == [FE]
-    assert refused["peer"].startswith("127.0.0.1:")
+    transports, _ = run_listener(settings, scenario)
+    assert names == [(FE,)]
+    assert transports.tls_handshake_failures == 0  # refusing is admission's part, not TLS's
 
 
 def test_an_allowed_peer_reaches_the_core(pki: Pki) -> None:
