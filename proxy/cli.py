@@ -25,7 +25,14 @@ from pydantic import ValidationError
 from tabulate import tabulate
 
 from proxy import __version__
-from proxy.config import ConfigError, DnsSettings, ListenAddress, describe, load_settings
+from proxy.config import (
+    ConfigError,
+    DnsSettings,
+    ListenAddress,
+    MetricsSettings,
+    describe,
+    load_settings,
+)
 from proxy.log import configure as configure_logging
 from proxy.server import serve
 from proxy.sip.errors import UriError
@@ -202,12 +209,19 @@ def main() -> None:
     type=click.Choice(["debug", "info", "warning", "error"]),
     help="JSON log lines on stdout at this level (replaces [log] level).",
 )
+@click.option(
+    "--metrics",
+    "metrics_listen",
+    metavar="HOST:PORT",
+    help="Serve /metrics, /healthz and /readyz over HTTP on HOST:PORT (replaces [metrics] listen).",
+)
 @table_options
 def serve_command(
     listen: tuple[str, ...],
     mode: str | None,
     nameservers: tuple[str, ...],
     log_level: str | None,
+    metrics_listen: str | None,
     config: Path | None,
     db: Path | None,
 ) -> None:
@@ -238,8 +252,14 @@ def serve_command(
             dns = DnsSettings.model_validate({**dns.model_dump(), "nameservers": list(nameservers)})
         except ValidationError as exc:
             raise _BadInput("--nameserver %s" % describe(exc)) from None
+    metrics = settings.metrics
+    if metrics_listen is not None:
+        try:
+            metrics = MetricsSettings.model_validate({"listen": metrics_listen})
+        except ValidationError as exc:
+            raise _BadInput("--metrics %s" % describe(exc)) from None
     settings = settings.model_copy(
-        update={"server": server, "table": table, "log": logs, "dns": dns}
+        update={"server": server, "table": table, "log": logs, "dns": dns, "metrics": metrics}
     )
     EndpointStore(settings.table.path).close()  # fails here, with one line, if unusable
     configure_logging(settings.log.level)

@@ -27,7 +27,8 @@ import structlog
 
 from proxy import tls
 from proxy.config import Settings
-from proxy.element import Element, ElementConfig, Listener, Output, Resolve
+from proxy.element import Element, ElementConfig, Listener, Note, Output, Resolve
+from proxy.metrics import MetricsServer
 from proxy.resolve import ResolveError, Resolver
 from proxy.sip.peer import Peer, Send
 from proxy.sip.transaction import Timers
@@ -137,6 +138,9 @@ class Server:
         self._tasks: set[asyncio.Task[None]] = set()
         self._client_ssl: ssl.SSLContext | None = None
         self.server_contexts: tls.ServerContexts | None = None
+        #: Table loaded and SIP listeners bound (``/readyz``).
+        self.ready = False
+        self.metrics: MetricsServer | None = None
 
     def _client_context(self) -> ssl.SSLContext:
         if self._client_ssl is None:
@@ -145,6 +149,21 @@ class Server:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        metrics_at = self.settings.metrics.endpoint()
+        if metrics_at is not None:
+            self.metrics = MetricsServer(self)
+            try:
+                await self.metrics.start(*metrics_at)
+            except OSError as exc:
+                log.error("listen_failed", error=str(exc))
+                return 1
+        try:
+            return await self._run(loop)
+        finally:
+            if self.metrics is not None:
+                await self.metrics.close()
+
+    async def _run(self, loop: asyncio.AbstractEventLoop) -> int:
         table = self.settings.table
         watcher = TableWatcher(
             table.path,
@@ -189,6 +208,7 @@ class Server:
         loop.add_signal_handler(signal.SIGHUP, watcher.reload_requested.set)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        self.ready = True
         log.info("ready", listen=self.transports.bound, mode=self.settings.server.mode)
         await self._stop.wait()
 
@@ -241,6 +261,8 @@ class Server:
                 transports.send(action)
             elif type(action) is Resolve:
                 self._resolve(action)
+            elif type(action) is Note:
+                log.warning(action.event, **dict(action.fields))
             else:
                 self.resolver.mark_failed(action.target)  # type: ignore[union-attr]
         # the armed timer already covers every older deadline: only a timer
@@ -268,8 +290,7 @@ class Server:
             plan = await self.resolver.plan(
                 action.host, port=action.port, transport=action.transport
             )
-        except ResolveError as exc:
-            log.warning("resolve_failed", host=action.host, reason=exc.reason)
+        except ResolveError as exc:  # the element notes it, with the request's Call-ID
             actions = element.resolve_failed(action.ref, exc.reason, self.transports.loop.time())
         except Exception:
             log.exception("internal_error", host=action.host)
