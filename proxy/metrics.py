@@ -34,7 +34,7 @@ from typing import Protocol
 
 import h11
 import structlog
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
@@ -356,6 +356,9 @@ class MetricsServer:
 
     def __init__(self, observed: Observed, *, lag_interval: float = LAG_INTERVAL) -> None:
         self.observed = observed
+        # a histogram's creation time is a gauge of its own in the text format:
+        # noise for a daemon whose start time process_start_time_seconds gives
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ElementCollector(observed))
         ProcessCollector(registry=self.registry)

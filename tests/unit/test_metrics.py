@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
 
@@ -250,3 +251,12 @@ async def test_the_lag_probe_fires_on_the_loop() -> None:
         assert count and float(count[0].split()[-1]) >= 2
     finally:
         await server.close()
+
+
+def test_the_readme_lists_every_metric() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.partition("## Metrics and health")[2].partition("\n## ")[0]
+    text = generate_latest(MetricsServer(Observed(traffic())).registry).decode()
+    names = {f.name for f in text_string_to_metric_families(text) if f.name.startswith("pcproxy_")}
+    assert len(names) > 30
+    assert sorted(n for n in names if "`%s" % n not in section) == []
