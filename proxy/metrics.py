@@ -364,7 +364,8 @@ class MetricsServer:
         ProcessCollector(registry=self.registry)
         self.dns_latency = Histogram(
             "pcproxy_dns_query_duration_seconds",
-            "Time to the answer of each query sent to the DNS, whatever its outcome.",
+            "Time to the outcome of each query sent to the DNS, by outcome.",
+            labelnames=["outcome"],
             buckets=DNS_BUCKETS,
             registry=self.registry,
         )
@@ -381,7 +382,7 @@ class MetricsServer:
         self._open = 0
 
     def _dns_query(self, outcome: str, seconds: float) -> None:
-        self.dns_latency.observe(seconds)
+        self.dns_latency.labels(outcome).observe(seconds)
 
     # pages
     def metrics(self, headers: Mapping[str, str]) -> HttpAnswer:
@@ -452,20 +453,23 @@ class MetricsServer:
             answer = route(method, event.target.decode("latin-1"), headers, self.pages)
         except h11.RemoteProtocolError as exc:
             answer = HttpAnswer(exc.error_status_hint, b"bad request\n")
-        out = conn.send(
-            h11.Response(
-                status_code=answer.status,
-                reason=HTTPStatus(answer.status).phrase,
-                headers=[
-                    ("Content-Type", answer.content_type),
-                    ("Content-Length", str(len(answer.body))),
-                    ("Connection", "close"),
-                    *answer.headers,
-                ],
-            )
+        head = h11.Response(
+            status_code=answer.status,
+            reason=HTTPStatus(answer.status).phrase,
+            headers=[
+                ("Content-Type", answer.content_type),
+                ("Content-Length", str(len(answer.body))),
+                ("Connection", "close"),
+                *answer.headers,
+            ],
         )
+        events: list[h11.Response | h11.Data | h11.EndOfMessage] = [head]
         if method != "HEAD":
-            out = (out or b"") + (conn.send(h11.Data(data=answer.body)) or b"")
-        out = (out or b"") + (conn.send(h11.EndOfMessage()) or b"")
+            events.append(h11.Data(data=answer.body))
+        events.append(h11.EndOfMessage())
+        try:
+            out = b"".join(conn.send(event) or b"" for event in events)
+        except h11.LocalProtocolError:
+            return  # the request left the connection where no answer fits
         writer.write(out)
         await writer.drain()

@@ -127,8 +127,8 @@ def test_dns_outcomes_and_latency_come_from_the_resolver() -> None:
     resolver.on_query("nxdomain", 0.003)
     text = generate_latest(server.registry).decode()
     assert 'pcproxy_dns_queries_total{outcome="nxdomain"} 2.0' in text
-    assert "pcproxy_dns_query_duration_seconds_count 1.0" in text
-    assert 'pcproxy_dns_query_duration_seconds_bucket{le="0.005"} 1.0' in text
+    assert 'pcproxy_dns_query_duration_seconds_count{outcome="nxdomain"} 1.0' in text
+    assert 'pcproxy_dns_query_duration_seconds_bucket{le="0.005",outcome="nxdomain"} 1.0' in text
 
 
 def test_an_unknown_element_counter_is_exposed_by_name() -> None:
