@@ -32,6 +32,7 @@ from proxy.config import (
     ConfigError,
     DnsSettings,
     ListenAddress,
+    MetricsSettings,
     Settings,
     describe,
     load_settings,
@@ -213,12 +214,19 @@ def main() -> None:
     type=click.Choice(["debug", "info", "warning", "error"]),
     help="JSON log lines on stdout at this level (replaces [log] level).",
 )
+@click.option(
+    "--metrics",
+    "metrics_listen",
+    metavar="HOST:PORT",
+    help="Serve /metrics, /healthz and /readyz over HTTP on HOST:PORT (replaces [metrics] listen).",
+)
 @table_options
 def serve_command(
     listen: tuple[str, ...],
     mode: str | None,
     nameservers: tuple[str, ...],
     log_level: str | None,
+    metrics_listen: str | None,
     config: Path | None,
     db: Path | None,
 ) -> None:
@@ -250,6 +258,12 @@ def serve_command(
             dns = DnsSettings.model_validate({**dns.model_dump(), "nameservers": list(nameservers)})
         except ValidationError as exc:
             raise _BadInput("--nameserver %s" % describe(exc)) from None
+    metrics = None
+    if metrics_listen is not None:
+        try:
+            metrics = MetricsSettings.model_validate({"listen": metrics_listen})
+        except ValidationError as exc:
+            raise _BadInput("--metrics %s" % describe(exc)) from None
 
     def with_options(file: Settings) -> Settings:
         """The command-line options over the file's values, at start and on SIGHUP."""
@@ -261,6 +275,7 @@ def serve_command(
                 "dns": file.dns.model_copy(update={"nameservers": dns.nameservers})
                 if nameservers
                 else file.dns,
+                "metrics": metrics if metrics is not None else file.metrics,
             }
         )
 

@@ -200,6 +200,43 @@ class DnsSettings(BaseModel):
         return [parse_nameserver(text) for text in self.nameservers]
 
 
+def parse_hostport(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (an IP address, IPv6 in brackets; port 0-65535) -> (host, port)."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port = text.rpartition(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            "%r: expected HOST:PORT with an IP address, got %r" % (text, host)
+        ) from None
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError("%r: port must be 0-65535, got %r" % (text, port))
+    return host, int(port)
+
+
+class MetricsSettings(BaseModel):
+    """The HTTP listener of /metrics, /healthz and /readyz."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str = ""
+
+    @field_validator("listen")
+    @classmethod
+    def _valid_listen(cls, value: str) -> str:
+        if value:
+            parse_hostport(value)
+        return value
+
+    def endpoint(self) -> tuple[str, int] | None:
+        """(host, port) to listen on, or None when metrics are off."""
+        return parse_hostport(self.listen) if self.listen else None
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -211,6 +248,7 @@ class Settings(BaseModel):
     dns: DnsSettings = Field(default_factory=DnsSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
 
 def load_settings(path: Path | None) -> Settings:

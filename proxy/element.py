@@ -172,7 +172,18 @@ class MarkFailed:
     target: Target
 
 
-Output = Send | Resolve | MarkFailed
+@dataclass(frozen=True, slots=True)
+class Note:
+    """Action: something an operator should hear about happened to one
+    transaction (a failover, a pool nobody answered for, a forged Route, a
+    failed DNS plan).  The shell logs it; ``fields`` always carry the
+    request's Call-ID, top Via branch and method, never a credential."""
+
+    event: str
+    fields: tuple[tuple[str, str], ...]
+
+
+Output = Send | Resolve | MarkFailed | Note
 
 #: Stands for the request of a context whose INVITE was answered: for 64*T1
 #: the context only absorbs retransmissions, and keeps no message alive.
@@ -570,6 +581,7 @@ class Element:
             )
         assert isinstance(decision, routing.Redirect)
         self.counters["redirects"] += 1
+        self.counters["redirect_by." + decision.endpoint.sip_address] += 1
         return self._respond(
             req, via, peer, txn, 302, extra=[Header.make("Contact", decision.contact)]
         )
@@ -648,6 +660,7 @@ class Element:
         ctx.tls_name = endpoint.pool_fqdn
         ctx.record_route = self.config.record_route and req.method in DIALOG_CREATING
         self.counters["proxied"] += 1
+        self.counters["forward_by." + endpoint.sip_address] += 1
         out = self._trying(ctx, now)
         out.append(
             Resolve(ctx.ref, endpoint.pool_fqdn, endpoint.pool_port, endpoint.pool_transport)
@@ -683,14 +696,18 @@ class Element:
             return self._respond(req, via, peer, txn, exc.status, extra=exc.headers())
         if sides is None or not sides:
             self.counters["forged_route"] += 1
+            if sides is not None:  # no Route of ours at all: not a dialog of ours
+                if txn is None:
+                    return []
+                diag = (DIAG_NO_DIALOG, "pcproxy holds no such dialog")
+                return self._respond(req, via, peer, txn, 481, diag=diag)
+            note = _note("forged_route", req, via, peer=_describe_peer(peer))
             if txn is None:
-                return []
-            if sides is None:
-                diag = (DIAG_FORGED_ROUTE, "Route names pcproxy without a valid token")
-                return self._respond(req, via, peer, txn, 403, diag=diag)
-            return self._respond(
-                req, via, peer, txn, 481, diag=(DIAG_NO_DIALOG, "pcproxy holds no such dialog")
-            )
+                return [note]
+            diag = (DIAG_FORGED_ROUTE, "Route names pcproxy without a valid token")
+            resp = self._respond(req, via, peer, txn, 403, diag=diag)
+            self.transactions[txn.key] = txn
+            return [*self._run(txn, ResponseSent(403, bytes(resp)), now), note]
         ctx = self._new_context(req, routed, via, peer, txn, dest)
         ctx.in_dialog = True
         self.counters["in_dialog"] += 1
@@ -781,7 +798,8 @@ class Element:
             return []
         ctx.targets = []
         ctx.reasons.append(reason)
-        return self._finish(ctx, now)
+        note = _note("resolve_failed", ctx.received, ctx.via, host=ctx.tls_name, reason=reason)
+        return [note, *self._finish(ctx, now)]
 
     def _try_next(self, ctx: Context, now: float) -> list[Output]:
         """Forward to the next target of the plan, or end (RFC 3263 §4.3)."""
@@ -1016,6 +1034,7 @@ class Element:
         if status == 503 and ctx.target is not None:
             ctx.reasons.append("%s: 503" % _describe(ctx.target))
             out.append(MarkFailed(ctx.target))
+            out.append(self._target_failed(ctx, ctx.target, "503"))
             return out + self._try_next(ctx, now)
         return out + self._finish(ctx, now)
 
@@ -1032,7 +1051,13 @@ class Element:
         if ctx.target is not None:
             ctx.reasons.append("%s: %s" % (_describe(ctx.target), why))
             out.append(MarkFailed(ctx.target))
+            out.append(self._target_failed(ctx, ctx.target, why))
         return out + self._try_next(ctx, now)
+
+    def _target_failed(self, ctx: Context, target: Target, why: str) -> Note:
+        """A pool server did not serve a request: the next one is tried
+        (RFC 3263 §4.3)."""
+        return _note("target_failed", ctx.received, ctx.via, target=_describe(target), reason=why)
 
     def transport_failed(self, peer: Peer, now: float) -> list[Output]:
         """The shell could not open a connection to ``peer`` or lost it
@@ -1063,9 +1088,13 @@ class Element:
                 return out
         self.counters["pool_unreachable"] += 1
         reasons = "; ".join(ctx.reasons) or "no target"
-        return self._own_final(
-            ctx, 503, (DIAG_POOL_UNREACHABLE, "No pool server answered: %s" % reasons), now
-        )
+        note = _note("pool_unreachable", ctx.received, ctx.via, host=ctx.tls_name, reasons=reasons)
+        return [
+            note,
+            *self._own_final(
+                ctx, 503, (DIAG_POOL_UNREACHABLE, "No pool server answered: %s" % reasons), now
+            ),
+        ]
 
     def _own_final(
         self, ctx: Context, status: int, diag: tuple[int, str] | None, now: float
@@ -1281,6 +1310,22 @@ def client_key_branch(client: ClientTransaction, ctx: Context) -> str:
 
 def _describe(target: Target) -> str:
     return "%s:%s:%d" % (target.transport, target.address, target.port)
+
+
+def _describe_peer(peer: Peer) -> str:
+    return "%s:%s:%d" % (peer.transport, peer.host, peer.port)
+
+
+def _note(event: str, req: Request, via: Via, **fields: str) -> Note:
+    """A ``Note`` about ``req``'s transaction: Call-ID, top Via branch and
+    method first, then ``fields``.  Only these identifiers and what the
+    caller passes are carried; header values such as Authorization never are."""
+    head = (
+        ("call_id", req.get("call-id") or ""),
+        ("branch", via.branch or ""),
+        ("method", req.method),
+    )
+    return Note(event, head + tuple(fields.items()))
 
 
 def _sent_by_only(req: Request) -> Via | None:

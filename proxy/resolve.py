@@ -46,7 +46,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -260,6 +260,22 @@ class CacheStats:
     evictions: int = 0
 
 
+#: How a query sent to the DNS ended, by the reason ``_reason`` gives.
+OUTCOMES: Final[Mapping[str | None, str]] = {
+    None: "answer",
+    "NXDOMAIN": "nxdomain",
+    "no records": "nodata",
+    "DNS timeout": "timeout",
+    "no nameserver answered": "no_nameserver",
+}
+
+
+def outcome_of(lookup: Lookup) -> str:
+    """``answer``, ``nxdomain``, ``nodata``, ``timeout``, ``no_nameserver``
+    or ``error``: the label a query is counted under."""
+    return OUTCOMES.get(lookup.reason, "error")
+
+
 def _reason(exc: dns.exception.DNSException) -> tuple[str, bool]:
     """A dnspython exception as (reason, the DNS could not be reached)."""
     if isinstance(exc, dns.resolver.NXDOMAIN):
@@ -311,6 +327,11 @@ class Resolver:
     #: the steps of a plan this way); ``None``, the daemon's case, costs nothing.
     on_query: Callable[[QueryRecord], None] | None = None
     stats: CacheStats = field(default_factory=CacheStats)
+    #: Queries sent to the DNS, by ``outcome_of`` their answer.
+    outcomes: Counter[str] = field(default_factory=Counter)
+    #: Called with (outcome, seconds) after every query sent to the DNS
+    #: (the metrics' latency histogram).
+    on_outcome: Callable[[str, float], object] | None = None
     dns_resolver: dns.asyncresolver.Resolver = field(init=False)
     _cache: OrderedDict[tuple[str, str], _Entry] = field(init=False, default_factory=OrderedDict)
     _failed: dict[tuple[str, int, str], float] = field(init=False, default_factory=dict)
@@ -503,6 +524,16 @@ class Resolver:
         return lookup
 
     async def _query(self, name: str, rdtype: str) -> Lookup:
+        """One question to the DNS, counted by outcome and timed."""
+        started = self.clock()
+        lookup = await self._ask(name, rdtype)
+        outcome = outcome_of(lookup)
+        self.outcomes[outcome] += 1
+        if self.on_outcome is not None:
+            self.on_outcome(outcome, self.clock() - started)
+        return lookup
+
+    async def _ask(self, name: str, rdtype: str) -> Lookup:
         try:
             answer = await self.dns_resolver.resolve(
                 dns.name.from_text(name),

@@ -32,8 +32,9 @@ import structlog
 from proxy import reload, tls
 from proxy.admission import ADMITTED, Admission, Refused
 from proxy.config import Settings
-from proxy.element import Element, ElementConfig, Listener, Output, Resolve
+from proxy.element import Element, ElementConfig, Listener, Note, Output, Resolve
 from proxy.log import configure as configure_logging
+from proxy.metrics import MetricsServer
 from proxy.notify import Notifier
 from proxy.reload import ReloadHook
 from proxy.resolve import ResolveError, Resolver
@@ -170,6 +171,9 @@ class Server:
         self._tasks: set[asyncio.Task[None]] = set()
         self._client_ssl: ssl.SSLContext | None = None
         self.server_contexts: tls.ServerContexts | None = None
+        #: Table loaded and SIP listeners bound (``/readyz``).
+        self.ready = False
+        self.metrics: MetricsServer | None = None
 
     def _client_context(self) -> ssl.SSLContext:
         if self._client_ssl is None:
@@ -178,6 +182,21 @@ class Server:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        metrics_at = self.settings.metrics.endpoint()
+        if metrics_at is not None:
+            self.metrics = MetricsServer(self)
+            try:
+                await self.metrics.start(*metrics_at)
+            except OSError as exc:
+                log.error("listen_failed", error=str(exc))
+                return 1
+        try:
+            return await self._run(loop)
+        finally:
+            if self.metrics is not None:
+                await self.metrics.close()
+
+    async def _run(self, loop: asyncio.AbstractEventLoop) -> int:
         table = self.settings.table
         watcher = TableWatcher(
             table.path,
@@ -224,6 +243,7 @@ class Server:
         loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        self.ready = True
         log.info("ready", listen=self.transports.bound, mode=self.settings.server.mode)
         self.notifier.ready(self._status())
         await self._stop.wait()
@@ -370,6 +390,8 @@ class Server:
                 transports.send(action)
             elif type(action) is Resolve:
                 self._resolve(action)
+            elif type(action) is Note:
+                log.warning(action.event, **dict(action.fields))
             else:
                 self.resolver.mark_failed(action.target)  # type: ignore[union-attr]
         # the armed timer already covers every older deadline: only a timer
@@ -397,8 +419,7 @@ class Server:
             plan = await self.resolver.plan(
                 action.host, port=action.port, transport=action.transport
             )
-        except ResolveError as exc:
-            log.warning("resolve_failed", host=action.host, reason=exc.reason)
+        except ResolveError as exc:  # the element notes it, with the request's Call-ID
             actions = element.resolve_failed(action.ref, exc.reason, self.transports.loop.time())
         except Exception:
             log.exception("internal_error", host=action.host)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from proxy.element import Element, ElementConfig
+from proxy.element import Element, ElementConfig, Note
 from proxy.sip.peer import Peer, Send
 from proxy.sip.transaction import Timers
 from proxy.sip.uri import AddressOfRecord
@@ -202,8 +202,9 @@ def make_element(*endpoints: Endpoint, **config: object) -> Element:
 
 
 def sends(actions: Sequence[object]) -> list[Send]:
-    """The element's actions, which for a redirect are all ``Send``."""
-    assert all(type(a) is Send for a in actions), actions
+    """The element's actions, which for a redirect are all ``Send`` (and a
+    ``Note`` for the log when a Route was forged)."""
+    assert all(type(a) in (Send, Note) for a in actions), actions
     return [a for a in actions if isinstance(a, Send)]
 
 

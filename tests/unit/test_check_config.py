@@ -113,7 +113,7 @@ def test_unknown_key_is_named_with_the_keys_that_exist(tmp_path: Path) -> None:
 def test_unknown_section_is_named(tmp_path: Path) -> None:
     assert problems(tmp_path, "[sever]\nmode = 'proxy'\n") == [
         "sever: unknown section (known sections: [server], [table], [log], [sip], [proxy],"
-        " [dns], [tls], [security])"
+        " [dns], [tls], [security], [metrics])"
     ]
 
 

@@ -510,3 +510,8 @@ def test_help_names_the_lync_cmdlet(verb: str, cmdlet: str) -> None:
     assert result.exit_code == 0
     assert cmdlet in result.stdout
     assert "--config" in result.stdout and "PCPROXY_DB" in result.stdout
+
+
+def test_serve_metrics_option_is_checked_before_anything_starts(run: Run) -> None:
+    line = one_line_error(run("serve", "--metrics", "localhost:9060"), EXIT_BAD_INPUT)
+    assert line.startswith("pcproxy: error: --metrics ") and "localhost" in line

@@ -63,3 +63,19 @@ def test_unreadable_or_invalid_toml_is_one_clear_error(tmp_path: Path) -> None:
     bad.write_text("[server\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("127.0.0.1:9060", ("127.0.0.1", 9060)), ("[::1]:0", ("::1", 0)), ("", None)],
+)
+def test_metrics_listen_parses_or_is_off(text: str, expected: tuple[str, int] | None) -> None:
+    assert Settings.model_validate({"metrics": {"listen": text}}).metrics.endpoint() == expected
+
+
+@pytest.mark.parametrize("text", ["localhost:9060", "127.0.0.1", "127.0.0.1:99999"])
+def test_metrics_listen_rejects_what_is_not_ip_and_port(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[metrics]\nlisten = "%s"\n' % text)
+    with pytest.raises(ConfigError, match=r"metrics\.listen"):
+        load_settings(path)

@@ -491,3 +491,25 @@ def test_every_response_is_well_formed_and_echoes_the_request() -> None:
         assert resp.get("call-id") == req.get("call-id")
         assert resp.get("cseq") == req.get("cseq")
         assert resp.from_addr == req.from_addr
+
+
+def test_draining_answers_options_to_pcproxy_itself_503_with_retry_after() -> None:
+    """RFC 3261 §21.5.4: while draining, pcproxy is unavailable even to a
+    keep-alive OPTIONS, so a Front End stops sending it new work."""
+    element = make_element()
+    options = request("OPTIONS", "sip:127.0.0.1:5060", to="<sip:127.0.0.1>")
+    assert status_of(answer(element, options)) == 200
+    element.draining = True
+    resp = answer(element, request("OPTIONS", "sip:127.0.0.1:5060", branch="z9hG4bK-d"))
+    assert status_of(resp) == 503
+    assert header(resp, "Retry-After") == b"5"
+
+
+def test_redirects_are_counted_per_endpoint() -> None:
+    other = endpoint("sip:legacychat@contoso.com", "pcpool2.contoso.com")
+    element = make_element(endpoint(), other)
+    answer(element, request(branch="z9hG4bK-e1"))
+    answer(element, request(uri="sip:legacychat@contoso.com", branch="z9hG4bK-e2"))
+    answer(element, request(uri="sip:LegacyChat@contoso.com", branch="z9hG4bK-e3"))
+    assert element.counters["redirect_by.sip:ocschat@contoso.com"] == 1
+    assert element.counters["redirect_by.sip:legacychat@contoso.com"] == 2

@@ -4,7 +4,7 @@ can do (RFC 3261 §16, §17): a Hypothesis state machine.
 Clients send requests, retransmit them, CANCEL and ACK them; the shell answers
 ``Resolve`` late, with targets or a failure; pool servers answer any forwarded
 request with any status, or duplicate it; connections fail; time jumps; bytes
-arrive garbled.  Whatever happens, the element only ever returns its three
+arrive garbled.  Whatever happens, the element only ever returns its four
 actions, answers the client with well-formed responses, and, once every peer
 has gone quiet and every timer has run, holds no transaction, context or
 deadline: nothing leaks.
@@ -18,7 +18,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from proxy.element import Element, ElementConfig, Listener, MarkFailed, Output, Resolve
+from proxy.element import Element, ElementConfig, Listener, MarkFailed, Note, Output, Resolve
 from proxy.resolve import Target
 from proxy.sip.peer import Peer, Send
 
@@ -73,6 +73,8 @@ class ProxyChaos(RuleBasedStateMachine):
                 self.pending.append(action)
             elif isinstance(action, MarkFailed):
                 assert action.target in TARGETS
+            elif isinstance(action, Note):  # for the log: never a header value
+                assert all(isinstance(v, str) for _, v in action.fields)
             else:
                 assert type(action) is Send, action
                 self.deliver(action)

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.element import Element, ElementConfig, Listener, MarkFailed, Output, Resolve
+from proxy.element import Element, ElementConfig, Listener, MarkFailed, Note, Output, Resolve
 from proxy.resolve import Target
 from proxy.sip.client_transaction import TIMER_D_UDP
 from proxy.sip.peer import Peer, Send
@@ -207,6 +207,7 @@ class Network:
         self.sent: list[tuple[float, Send]] = []  # every Send of the element, when made
         self.resolves: list[Resolve] = []
         self.marked: list[Target] = []
+        self.notes: list[Note] = []
         for node in nodes:
             self.attach(node)
 
@@ -245,6 +246,8 @@ class Network:
                 self.resolves.append(action)
                 if self.dns is not None:
                     self.later(0.0, functools.partial(self.answer_dns, self.dns, action.ref))
+            elif isinstance(action, Note):
+                self.notes.append(action)
             else:
                 assert isinstance(action, MarkFailed)
                 self.marked.append(action.target)
@@ -1053,3 +1056,65 @@ def test_draining_refuses_a_new_invite_but_still_forwards_an_in_dialog_bye() -> 
     assert len(pool.got(b"BYE ")) == 1
     assert len(pool.got(b"INVITE ")) == 1
     assert uac.statuses()[-1] == 200
+
+
+# 10. what the operator hears: Notes and per-endpoint counters ------------------------------
+def note_fields(net: Network, event: str) -> list[dict[str, str]]:
+    return [dict(n.fields) for n in net.notes if n.event == event]
+
+
+def test_a_proxied_request_is_counted_for_its_endpoint_and_a_good_call_notes_nothing() -> None:
+    net, _, _ = full_call()
+    assert net.element.counters["forward_by.sip:ocschat@contoso.com"] == 1
+    assert net.notes == []
+
+
+def test_a_failover_is_noted_with_call_id_branch_method_and_the_target() -> None:
+    first, second = Pool("pool1", POOL1, (503,)), Pool("pool2", POOL2, (180, 200))
+    net, uac = wire(first, second)
+    uac.call(invite(extra=("Proxy-Authorization: Digest username=alice, response=secret",)))
+    net.advance(1.0)
+    (fields,) = note_fields(net, "target_failed")
+    assert fields["call_id"] == "call-1@client.contoso.com"
+    assert fields["branch"] == "z9hG4bK-c1" and fields["method"] == "INVITE"
+    assert fields["target"] == "udp:192.0.2.21:5060" and fields["reason"] == "503"
+    assert not any("secret" in value for n in net.notes for _, value in n.fields)
+
+
+def test_a_pool_nobody_answered_for_is_noted_once_with_every_reason() -> None:
+    first, second = Pool("pool1", POOL1, (503,)), Pool("pool2", POOL2, ())
+    net, uac = wire(first, second)
+    uac.call(invite())
+    net.advance(TARGET_TIMEOUT + 0.1)
+    assert [n.event for n in net.notes] == ["target_failed", "target_failed", "pool_unreachable"]
+    (fields,) = note_fields(net, "pool_unreachable")
+    assert fields["call_id"] == "call-1@client.contoso.com" and fields["method"] == "INVITE"
+    assert "192.0.2.21:5060: 503" in fields["reasons"]
+    assert "192.0.2.22:5060: no answer" in fields["reasons"]
+
+
+def test_a_failed_resolution_is_noted_with_the_host_and_reason() -> None:
+    net, uac = wire(dns=False)
+    uac.call(invite())
+    net.advance()
+    net.apply(net.element.resolve_failed(net.resolves[0].ref, "NXDOMAIN pcpool", net.now))
+    (fields,) = note_fields(net, "resolve_failed")
+    assert fields["host"] == POOL and fields["reason"] == "NXDOMAIN pcpool"
+    assert fields["branch"] == "z9hG4bK-c1"
+
+
+def test_a_forged_route_is_noted_without_the_token() -> None:
+    net, uac, pool = full_call()
+    (ok,) = uac.got(b"SIP/2.0 200 ")
+    bye = client_in_dialog("BYE", ok, cseq=2)
+    client_side, pool_side = uris(field_values(bye, "route"))
+    forged = re.sub(
+        rb"Route: [^\r]*", b"Route: " + b", ".join([_forge(client_side), pool_side]), bye
+    )
+    uac.send(forged)
+    net.advance(1.0)
+    assert uac.statuses()[-1] == 403
+    (fields,) = note_fields(net, "forged_route")
+    assert fields["method"] == "BYE" and fields["peer"] == "udp:192.0.2.10:5062"
+    token = client_side.split(b"@")[0].removeprefix(b"<sip:").decode()
+    assert not any(token in value for _, value in net.notes[-1].fields)

@@ -446,3 +446,20 @@ async def test_without_on_query_the_plain_query_runs() -> None:
     r._traced_query = traced  # type: ignore[assignment, method-assign]
     assert [t.address for t in await r.plan("srv.contoso.com")] == ["192.0.2.31", "2001:db8::31"]
     assert called == []
+
+
+@pytest.mark.asyncio
+async def test_each_query_sent_is_counted_by_outcome_and_timed() -> None:
+    r, net, clock = resolver()
+    timed: list[tuple[str, float]] = []
+    r.on_outcome = lambda outcome, seconds: timed.append((outcome, seconds))
+    await r.plan(POOL, port=5041)  # A answered, AAAA has no records
+    with pytest.raises(ResolveError):
+        await r.plan("gone.contoso.com", port=5041)
+    net.down = dns.resolver.LifetimeTimeout(timeout=1.0, errors=[])  # type: ignore[no-untyped-call]
+    with pytest.raises(ResolveError):
+        await r.plan("other.contoso.com", port=5041)
+    await r.plan(POOL, port=5041)  # from the cache: no query, not counted
+    assert r.outcomes == {"answer": 1, "nodata": 1, "nxdomain": 2, "timeout": 2}
+    assert sorted(o for o, _ in timed) == sorted(r.outcomes.elements())
+    assert all(seconds == 0.0 for _, seconds in timed)  # the fake clock did not move
