@@ -291,3 +291,32 @@ def daemon_waits(silent: SilentMember, timeout: float = 10.0) -> None:
                 return
         time.sleep(0.05)
     raise AssertionError("the INVITE never reached the silent pool member")
+
+
+def test_a_drain_lets_the_call_in_flight_finish_then_exits_0(
+    observed: tuple[Daemon, int], pool_net: PoolNet, tmp_path: Path
+) -> None:
+    """SIGTERM while the pool still rings: new requests get 503 and /readyz
+    says draining, while the call in flight gets its 200, its ACK and its BYE
+    through, after which the daemon exits 0 without a second signal."""
+    daemon, port = observed
+    pool = pool_member(pool_net, "SRV_PORT", "pool_slow_call.xml", tmp_path)
+    caller = client(daemon, "gc_call.xml", tmp_path, transport="udp")
+    deadline = time.monotonic() + 10.0
+    while scrape(port)["pcproxy_transactions_in_flight{}"] < 1:
+        assert time.monotonic() < deadline, "the INVITE never got in flight"
+        time.sleep(0.05)
+    mark = daemon.mark()
+    daemon.proc.send_signal(signal.SIGTERM)
+    daemon.wait_for("draining", since=mark)
+    assert get(port, "/readyz") == (503, b"draining\n")
+    sip = UdpClient(daemon)
+    try:
+        sip.send("INVITE", "sip:ocschat@%s" % DOMAIN, "z9hG4bK-late1", "late-1@test")
+        refused = sip.final()
+        assert refused.startswith(b"SIP/2.0 503 "), refused
+        sip.ack("sip:ocschat@%s" % DOMAIN, "z9hG4bK-late1", "late-1@test", refused)
+    finally:
+        sip.close()
+    run_calls(daemon, caller, pool)  # INVITE 180 200 ACK BYE 200, all during the drain
+    assert daemon.proc.wait(timeout=20) == 0
