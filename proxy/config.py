@@ -142,8 +142,10 @@ class SecuritySettings(BaseModel):
     trusted_networks: list[str] = Field(
         default_factory=lambda: list(DEFAULT_TRUSTED_NETWORKS), min_length=1
     )
-    rate: Annotated[float, Field(ge=0.0)] = 1000.0
-    burst: Annotated[int, Field(ge=1)] = 2000
+    #: High enough that a Front End carrying every client's requests is never
+    #: limited; a flood beyond what one process can serve is shed before parsing.
+    rate: Annotated[float, Field(ge=0.0)] = 10000.0
+    burst: Annotated[int, Field(ge=1)] = 20000
     max_connections_per_source: Annotated[int, Field(ge=1)] = 64
 
     @field_validator("trusted_networks")
