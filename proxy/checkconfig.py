@@ -18,7 +18,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import sqlite3
-import tomllib
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,7 +27,15 @@ from urllib.parse import quote
 from pydantic import BaseModel, ValidationError
 
 from proxy import tls
-from proxy.config import ListenAddress, ProxySettings, ServerSettings, Settings, TableSettings
+from proxy.config import (
+    ConfigError,
+    ListenAddress,
+    ProxySettings,
+    ServerSettings,
+    Settings,
+    TableSettings,
+    read_toml,
+)
 from proxy.server import read_secret
 from proxy.store import SCHEMA_VERSION
 
@@ -76,12 +83,9 @@ def check_config(path: Path | None) -> Report:
     data: dict[str, object] = {}
     if path is not None:
         try:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-        except OSError as exc:
-            return Report(source, [Problem("(file)", "cannot read: %s" % exc.strerror)])
-        except tomllib.TOMLDecodeError as exc:
-            return Report(source, [Problem("(file)", "not valid TOML: %s" % exc)])
+            data = read_toml(path)
+        except ConfigError as exc:
+            return Report(source, [Problem("(file)", str(exc))])
     problems: list[Problem] = []
     sections: dict[str, BaseModel] = {}
     problems += [_unknown(name, Settings) for name in data if name not in Settings.model_fields]

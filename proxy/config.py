@@ -28,6 +28,19 @@ class ConfigError(Exception):
     """A configuration that cannot be used; the message names the field."""
 
 
+def split_host_port(text: str) -> tuple[str, str]:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port as written; "" when absent).
+
+    The one reading of an address with a port that listeners, name servers,
+    the metrics listener and ``pcproxy ping`` share; each checks its parts.
+    """
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        return host, rest[1:] if rest.startswith(":") else ""
+    host, _, port = text.rpartition(":")
+    return host, port
+
+
 class ListenAddress(BaseModel):
     """One listening socket: ``udp:HOST:PORT``, ``tcp:[V6]:PORT``."""
 
@@ -51,11 +64,7 @@ class ListenAddress(BaseModel):
         transport, sep, hostport = text.partition(":")
         if not sep or transport.lower() not in ("udp", "tcp", "tls"):
             raise ValueError("expected udp:HOST:PORT or tcp:HOST:PORT, got %r" % text)
-        if hostport.startswith("["):
-            host, _, rest = hostport[1:].partition("]")
-            portstr = rest[1:] if rest.startswith(":") else ""
-        else:
-            host, _, portstr = hostport.rpartition(":")
+        host, portstr = split_host_port(hostport)
         try:
             ipaddress.ip_address(host)
         except ValueError:
@@ -164,12 +173,9 @@ class SecuritySettings(BaseModel):
 
 def parse_nameserver(text: str) -> tuple[str, int]:
     """``HOST`` or ``HOST:PORT`` (IPv6 in brackets) -> (address, port)."""
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif text.count(":") == 1:
-        host, _, port = text.partition(":")
-    else:
+    if text.startswith("[") or text.count(":") == 1:
+        host, port = split_host_port(text)
+    else:  # a bare name or IPv6 address: port 53
         host, port = text, ""
     try:
         ipaddress.ip_address(host)
@@ -204,11 +210,7 @@ class DnsSettings(BaseModel):
 
 def parse_hostport(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (an IP address, IPv6 in brackets; port 0-65535) -> (host, port)."""
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    else:
-        host, _, port = text.rpartition(":")
+    host, port = split_host_port(text)
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -253,17 +255,25 @@ class Settings(BaseModel):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
 
+def read_toml(path: Path) -> dict[str, object]:
+    """The file's TOML table; ConfigError says why it cannot be had."""
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError("cannot read: %s" % exc.strerror) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("not valid TOML: %s" % exc) from None
+
+
 def load_settings(path: Path | None) -> Settings:
     """Read and validate a config file (``None``: the built-in defaults)."""
     data: dict[str, object] = {}
     if path is not None:
         try:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-        except OSError as exc:
-            raise ConfigError("%s: cannot read: %s" % (path, exc.strerror)) from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError("%s: not valid TOML: %s" % (path, exc)) from None
+            data = read_toml(path)
+        except ConfigError as exc:
+            raise ConfigError("%s: %s" % (path, exc)) from None
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:

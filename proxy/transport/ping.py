@@ -14,6 +14,7 @@ import ssl
 import time
 from dataclasses import dataclass
 
+from proxy.config import split_host_port
 from proxy.sip.errors import SipError
 from proxy.sip.framing import MessageFramed, StreamFramer
 from proxy.sip.message import Response, parse
@@ -28,11 +29,7 @@ class PingResult:
 
 def split_hostport(target: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[V6]:PORT``; raises ValueError naming what is wrong."""
-    if target.startswith("["):
-        host, _, rest = target[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    else:
-        host, _, port = target.rpartition(":")
+    host, port = split_host_port(target)
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError("expected HOST:PORT, got %r" % target)
     return host, int(port)
