@@ -27,7 +27,7 @@ from tabulate import tabulate
 from proxy import __version__
 from proxy.config import ConfigError, DnsSettings, ListenAddress, describe, load_settings
 from proxy.log import configure as configure_logging
-from proxy.server import serve
+from proxy.server import read_secret, serve
 from proxy.sip.errors import UriError
 from proxy.store import (
     UNSET,
@@ -42,6 +42,7 @@ from proxy.store import (
     write_csv,
 )
 from proxy.transport.ping import ping, split_hostport
+from proxy.workers import supervise, worker_count
 
 EXIT_REFUSED = 1
 EXIT_BAD_INPUT = 2
@@ -202,12 +203,20 @@ def main() -> None:
     type=click.Choice(["debug", "info", "warning", "error"]),
     help="JSON log lines on stdout at this level (replaces [log] level).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(0, 256),
+    metavar="N",
+    help="Worker processes sharing the ports (replaces [server] workers). "
+    "1: one process, no supervisor; 0: one per CPU core available (the default).",
+)
 @table_options
 def serve_command(
     listen: tuple[str, ...],
     mode: str | None,
     nameservers: tuple[str, ...],
     log_level: str | None,
+    workers: int | None,
     config: Path | None,
     db: Path | None,
 ) -> None:
@@ -229,6 +238,8 @@ def serve_command(
             raise _BadInput("--listen %s" % exc) from None
     if mode is not None:
         overrides["mode"] = mode
+    if workers is not None:
+        overrides["workers"] = workers
     server = settings.server.model_copy(update=overrides)
     table = settings.table.model_copy(update={"path": db}) if db is not None else settings.table
     logs = settings.log.model_copy(update={"level": log_level}) if log_level else settings.log
@@ -243,7 +254,15 @@ def serve_command(
     )
     EndpointStore(settings.table.path).close()  # fails here, with one line, if unusable
     configure_logging(settings.log.level)
-    code = serve(settings)
+    count = worker_count(settings.server.workers)
+    if count == 1:
+        code = serve(settings)
+    else:
+        try:
+            secret = read_secret(settings.proxy.secret_file)
+        except (OSError, ValueError) as exc:
+            raise _Refused("[proxy] secret_file: %s" % exc) from None
+        code = supervise(settings, count, serve, secret)
     if code:
         raise SystemExit(code)
 

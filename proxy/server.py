@@ -22,6 +22,7 @@ import ssl
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -33,6 +34,9 @@ from proxy.sip.peer import Peer, Send
 from proxy.sip.transaction import Timers
 from proxy.store import EndpointStore, Snapshot
 from proxy.transport import Transports
+
+if TYPE_CHECKING:
+    from proxy.workers import WorkerPlan
 
 log = structlog.get_logger("server")
 
@@ -104,8 +108,10 @@ def read_secret(path: Path | None) -> bytes:
 
 
 class Server:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, worker: WorkerPlan | None = None) -> None:
         self.settings = settings
+        #: One worker of several (``proxy.workers``), or None: the only process.
+        self.worker = worker
         sip, proxy, dns = settings.sip, settings.proxy, settings.dns
         self.element_config = ElementConfig(
             default_mode=settings.server.mode,
@@ -116,7 +122,7 @@ class Server:
             record_route=proxy.record_route,
             target_timeout=proxy.target_timeout,
             retry_after=proxy.retry_after,
-            secret=read_secret(proxy.secret_file),
+            secret=worker.secret if worker is not None else read_secret(proxy.secret_file),
         )
         self.resolver = Resolver(
             endpoints=dns.endpoints() or None,
@@ -178,18 +184,27 @@ class Server:
             server_ssl=self.server_contexts.base_context if self.server_contexts else None,
             client_ssl=self._client_context,
         )
+        worker = self.worker
         try:
-            await self.transports.listen(self.settings.server.listen)
+            await self.transports.listen(self.settings.server.listen, reuse_port=worker is not None)
+            if worker is not None:  # this worker's own ports, toward pools
+                await self.transports.listen(worker.pool_side, sockets=worker.sockets)
         except OSError as exc:
             log.error("listen_failed", error=str(exc))
             await self.transports.close()
             return 1
-        self.element.set_listeners([Listener(*spec) for spec in self.transports.listeners])
+        shared = len(self.settings.server.listen)
+        self.element.set_listeners(
+            [Listener(*spec, i >= shared) for i, spec in enumerate(self.transports.listeners)],
+            worker.pool_addresses if worker is not None else (),
+        )
         watcher.start()
         loop.add_signal_handler(signal.SIGHUP, watcher.reload_requested.set)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         log.info("ready", listen=self.transports.bound, mode=self.settings.server.mode)
+        if worker is not None:
+            worker.ready()
         await self._stop.wait()
 
         log.info("draining", timeout=self.settings.server.drain_timeout)
@@ -205,7 +220,9 @@ class Server:
         await self.transports.close()
         if self._timer is not None:
             self._timer.cancel()
-        log.info("stopped", in_flight=self.element.in_flight())
+        log.info(
+            "stopped", in_flight=self.element.in_flight(), counters=dict(self.element.counters)
+        )
         return 0
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
@@ -322,8 +339,9 @@ class Server:
 GC_THRESHOLD = (50_000, 20, 100)
 
 
-def serve(settings: Settings) -> int:
-    """Run the daemon on uvloop until it is stopped; returns the exit status."""
+def serve(settings: Settings, worker: WorkerPlan | None = None) -> int:
+    """Run the daemon (or one ``worker`` of it) on uvloop until it is stopped;
+    returns the exit status."""
     import uvloop
 
     # what start-up built (modules, config, the first snapshot) lives as long
@@ -331,4 +349,4 @@ def serve(settings: Settings) -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)
-    return uvloop.run(Server(settings).run())
+    return uvloop.run(Server(settings, worker).run())
