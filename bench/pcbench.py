@@ -665,6 +665,8 @@ class Runner:
             a.pin_target,
             a.pcproxy,
             "serve",
+            "--workers",
+            "1",
             "--db",
             db,
             "--listen",

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from proxy.config import ListenAddress
+from proxy.cli import EXIT_BAD_INPUT, main
+from proxy.config import ConfigError, ListenAddress, load_settings
 from proxy.element import Listener
 from proxy.sip.peer import Peer
 from proxy.workers import SupervisorError, concrete_ports, pool_side_sockets, worker_count
@@ -149,3 +152,23 @@ def test_a_peer_on_a_pool_side_listener_is_answered_from_it() -> None:
     (send,) = actions
     assert send.data.startswith(b"SIP/2.0 200 ")  # type: ignore[union-attr]
     assert send.peer.listener == 1  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("value", ["-1", "257", "many"])
+def test_serve_workers_out_of_range_is_a_one_line_error(value: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["serve", "--db", str(tmp_path / "t.db"), "--workers", value], prog_name="pcproxy"
+    )
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("pcproxy: error: ") and "--workers" in line
+
+
+def test_the_config_key_takes_zero_for_one_per_core_and_refuses_negatives(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[server]\nworkers = 3\n")
+    assert load_settings(config).server.workers == 3
+    config.write_text("[server]\nworkers = -2\n")
+    with pytest.raises(ConfigError, match="server.workers"):
+        load_settings(config)
