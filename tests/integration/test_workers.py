@@ -17,8 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 
 from .conftest import PCPROXY, Daemon, cli, free_port, sipp, start_daemon
+from .nsd import DnsServer
 from .test_proxy import (  # noqa: F401  (fixtures)
     CONFIG,
     PoolNet,
@@ -28,6 +30,7 @@ from .test_proxy import (  # noqa: F401  (fixtures)
     proxy_table,
     run_calls,
 )
+from .test_tls_pool import POOL, ca, nsd, pool_server, proxy_with_tls  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration
 WORKERS = 2
@@ -240,3 +243,27 @@ def test_ready_waits_for_every_worker(workers_daemon: Daemon) -> None:
     ]
     assert sorted(int(ev["worker"]) for ev in worker_ready) == list(range(WORKERS))  # type: ignore[call-overload]
     assert ready["workers"] == WORKERS
+
+
+def test_calls_to_a_mutual_tls_pool_through_two_workers(
+    tmp_path: Path,
+    ca: trustme.CA,  # noqa: F811
+    nsd: DnsServer,  # noqa: F811
+) -> None:
+    pool = pool_server(ca, POOL)
+    daemon = proxy_with_tls(tmp_path, ca, nsd, pool, workers=WORKERS)
+    try:
+        calls = 6
+        result = sipp("gc_call.xml", daemon, "udp", calls=calls, tmp=tmp_path, socket_per_call=True)
+        assert result.returncode == 0, result.stdout + result.errors
+        ports = pool_side_ports(daemon)
+    finally:
+        daemon.stop()
+        pool.stop()
+    methods = [m.split(b" ", 1)[0] for m in pool.received]
+    assert methods.count(b"INVITE") == calls and methods.count(b"BYE") == calls
+    assert 1 <= pool.connections <= WORKERS  # one persistent connection per worker at most
+    for invite in (m for m in pool.received if m.startswith(b"INVITE")):
+        via = invite.split(b"\r\n")[1]
+        assert via.startswith(b"Via: SIP/2.0/TLS 127.0.0.1:"), via
+        assert int(via.split(b";")[0].rsplit(b":", 1)[1]) in ports, via
