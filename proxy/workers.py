@@ -23,7 +23,7 @@ started in the supervisor, so no loop, thread or selector is inherited):
 - **One secret.**  The key of the Record-Route tokens and the loop hashes
   is read (or drawn) once, so any worker accepts the tokens of another.
 
-The supervisor then waits: SIGHUP is forwarded to every worker (each
+The supervisor then waits: SIGHUP is forwarded to every ready worker (each
 reloads the table, as each also polls it); the first SIGTERM/SIGINT is
 forwarded as SIGTERM (every worker drains) and a second one again (they
 exit at once); a worker that dies unexpectedly is restarted after a
@@ -221,8 +221,8 @@ class Supervisor:
                 self._start(slot)
             while any(slot.pid for slot in self.slots) or self._restart_pending():
                 self._wait()
-                self._handle_signals()
                 self._read_ready()
+                self._handle_signals()
                 self._reap()
                 self._restart_due()
         finally:
@@ -273,8 +273,12 @@ class Supervisor:
                 continue
             sig = signal.Signals(signum)
             if signum == signal.SIGHUP:
-                log.info("signal", signal=sig.name, forwarded=self._live())
-                self._kill_all(signal.SIGHUP)
+                # a worker not ready yet loads the table as it starts
+                ready = [s for s in self.slots if s.pid and s.ready]
+                log.info("signal", signal=sig.name, forwarded=len(ready))
+                for slot in ready:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(slot.pid, signal.SIGHUP)
                 continue
             self.stopping += 1
             log.info("signal", signal=sig.name, count=self.stopping, forwarded=self._live())
@@ -328,6 +332,8 @@ class Supervisor:
 
     def _exited(self, slot: _Slot, status: int) -> None:
         code = os.waitstatus_to_exitcode(status)
+        if self.stopping and code == -signal.SIGTERM and not slot.ready:
+            code = 0  # stopped while starting, before it had anything to drain
         slot.pid, slot.ready = 0, False
         slot.exits.append(code)
         if slot.ready_fd >= 0:
@@ -383,8 +389,9 @@ class Supervisor:
         code = 1
         try:
             signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the server takes it
             os.setpgid(0, 0)  # a terminal's Ctrl-C goes to the supervisor alone
             _die_with(self.pid)
             for fd in self._wakeup:
