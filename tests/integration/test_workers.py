@@ -56,11 +56,12 @@ def worker_pids(daemon: Daemon) -> dict[int, int]:
 
 
 def alive(pid: int) -> bool:
+    """Running (a zombie waiting for whoever reaps it has stopped running)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path("/proc/%d/stat" % pid).read_text()
+    except OSError:
         return False
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def counters_at_stop(daemon: Daemon) -> dict[int, dict[str, int]]:
@@ -150,6 +151,20 @@ def test_a_killed_worker_is_restarted_and_serves(workers_daemon: Daemon, tmp_pat
     assert alive(pids[1])  # the other worker was left alone
     redirect_load(workers_daemon, "udp", tmp_path)
     assert workers_daemon.stop() == 0
+
+
+def test_workers_drain_and_exit_when_the_supervisor_is_killed(workers_daemon: Daemon) -> None:
+    pids = worker_pids(workers_daemon)
+    workers_daemon.proc.kill()  # SIGKILL: no forwarding; the kernel tells the workers
+    workers_daemon.proc.wait(10)
+    deadline = time.monotonic() + 10  # the supervisor is gone: wait on the workers
+    while any(alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in pids.values())
+    time.sleep(0.5)  # the log reader catches up with the workers' last lines
+    with workers_daemon.lock:
+        stopped = {ev.get("worker") for ev in workers_daemon.events if ev.get("event") == "stopped"}
+    assert stopped == set(range(WORKERS))  # each drained, as after SIGTERM
 
 
 def test_a_worker_that_cannot_bind_stops_the_service_with_status_1(table: Path) -> None:
