@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from .conftest import PCPROXY, Daemon, cli, free_port, sipp, start_daemon
+from .conftest import PCPROXY, Daemon, cli, free_port, sipp, start_daemon, start_sipp
 from .nsd import DnsServer
 from .test_proxy import (  # noqa: F401  (fixtures)
     CONFIG,
@@ -282,3 +282,42 @@ def test_calls_to_a_mutual_tls_pool_through_two_workers(
         via = invite.split(b"\r\n")[1]
         assert via.startswith(b"Via: SIP/2.0/TLS 127.0.0.1:"), via
         assert int(via.split(b";")[0].rsplit(b":", 1)[1]) in ports, via
+
+
+def test_proxied_calls_to_a_udp_pool_come_back_to_each_workers_own_port(
+    proxy_workers: Daemon,
+    pool_net: PoolNet,  # noqa: F811
+    proxy_table: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    host, port = pool_net.member("SRV_PORT")
+    mark = proxy_workers.mark()
+    done = cli(
+        "endpoint", "new", "--sip-address", "sip:udpchat@contoso.com",
+        "--pool-fqdn", "fe1.pool-srv.pcproxy.test", "--pool-port", str(port),
+        "--pool-transport", "udp", db=proxy_table,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for index in range(WORKERS):
+        proxy_workers.wait_for("table_loaded", since=mark, worker=index, why="change")
+    calls, clients = 3, 4
+    pool = start_sipp(
+        "pool_call.xml", tmp_path, "pool-udp", host=host, port=port, transport="udp",
+        calls=calls * clients,
+    )  # fmt: skip
+    callers = [
+        client(proxy_workers, "gc_call.xml", tmp_path, service="udpchat", transport="udp",
+               calls=calls, name="u%d" % i)
+        for i in range(clients)
+    ]  # fmt: skip
+    for caller in callers[:-1]:
+        run_calls(proxy_workers, caller)
+    run_calls(proxy_workers, callers[-1], pool)
+    ports = pool_side_ports(proxy_workers)
+    invites = [m for m in pool.messages() if m.first_line.startswith(b"INVITE ")]
+    assert len(invites) >= calls * clients
+    for m in invites:  # the pool answered each worker's own UDP socket
+        top_via = m.header("Via") or b""
+        assert top_via.startswith(b"SIP/2.0/UDP 127.0.0.1:"), top_via
+        assert int(top_via.split(b";")[0].rsplit(b":", 1)[1]) in ports, top_via
+    assert proxy_workers.stop() == 0
