@@ -38,7 +38,7 @@ from proxy.config import (
     load_settings,
 )
 from proxy.log import configure as configure_logging
-from proxy.server import serve
+from proxy.server import read_secret, serve
 from proxy.sip.errors import UriError
 from proxy.store import (
     UNSET,
@@ -53,6 +53,7 @@ from proxy.store import (
     write_csv,
 )
 from proxy.transport.ping import ping, split_hostport
+from proxy.workers import supervise, worker_count
 
 EXIT_REFUSED = 1
 EXIT_BAD_INPUT = 2
@@ -218,7 +219,15 @@ def main() -> None:
     "--metrics",
     "metrics_listen",
     metavar="HOST:PORT",
-    help="Serve /metrics, /healthz and /readyz over HTTP on HOST:PORT (replaces [metrics] listen).",
+    help="Serve /metrics, /healthz and /readyz over HTTP on HOST:PORT (replaces [metrics] listen); "
+    "worker i of several serves on PORT + i.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(0, 256),
+    metavar="N",
+    help="Worker processes sharing the ports (replaces [server] workers). "
+    "1: one process, no supervisor; 0: one per CPU core available (the default).",
 )
 @table_options
 def serve_command(
@@ -227,6 +236,7 @@ def serve_command(
     nameservers: tuple[str, ...],
     log_level: str | None,
     metrics_listen: str | None,
+    workers: int | None,
     config: Path | None,
     db: Path | None,
 ) -> None:
@@ -252,6 +262,8 @@ def serve_command(
             raise _BadInput("--listen %s" % exc) from None
     if mode is not None:
         overrides["mode"] = mode
+    if workers is not None:
+        overrides["workers"] = workers
     dns = settings.dns
     if nameservers:
         try:
@@ -282,7 +294,19 @@ def serve_command(
     settings = with_options(settings)
     EndpointStore(settings.table.path).close()  # fails here, with one line, if unusable
     configure_logging(settings.log.level)
-    code = serve(settings, lambda: with_options(load_settings(config)))
+    count = worker_count(settings.server.workers)
+
+    def load() -> Settings:
+        return with_options(load_settings(config))
+
+    if count == 1:
+        code = serve(settings, load)
+    else:
+        try:
+            secret = read_secret(settings.proxy.secret_file)
+        except (OSError, ValueError) as exc:
+            raise _Refused("[proxy] secret_file: %s" % exc) from None
+        code = supervise(settings, count, lambda s, plan: serve(s, load, plan), secret)
     if code:
         raise SystemExit(code)
 

@@ -87,6 +87,9 @@ class ServerSettings(BaseModel):
     mode: Mode = "proxy"
     server_name: str = "pcproxy.invalid"
     drain_timeout: Annotated[float, Field(ge=0.0, le=300.0)] = 5.0
+    #: Worker processes sharing the listening ports (``proxy.workers``);
+    #: 0: one per CPU core available to the process.
+    workers: Annotated[int, Field(ge=0, le=256)] = 0
 
 
 class TableSettings(BaseModel):

@@ -26,7 +26,7 @@ import os
 import re
 import secrets
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import NamedTuple
@@ -134,12 +134,17 @@ class ElementConfig:
 
 class Listener(NamedTuple):
     """One bound socket as the element sees it: what goes in Via and
-    Record-Route (``index`` is the transport layer's listener number)."""
+    Record-Route (``index`` is the transport layer's listener number).
+
+    ``pool_side``: a socket of this worker alone (``--workers``), preferred
+    for what is sent toward a pool, so the pool's responses and in-dialog
+    requests come back to the worker that holds the transaction."""
 
     transport: str
     host: str
     port: int
     number: int
+    pool_side: bool = False
 
     @property
     def hostport(self) -> str:
@@ -367,11 +372,15 @@ class Element:
         self._tag_prefix = os.urandom(4).hex()
         self._tag_seq = 0
 
-    def set_listeners(self, listeners: list[Listener]) -> None:
+    def set_listeners(
+        self, listeners: list[Listener], others: Iterable[tuple[str, int]] = ()
+    ) -> None:
         """The sockets the shell bound: what goes in Via and Record-Route,
-        and which Route URIs and Via sent-by values are this proxy's."""
+        and which Route URIs and Via sent-by values are this proxy's
+        (``others``: the pool-side addresses of the service's other workers)."""
         self.listeners = list(listeners)
         self._addresses = {(lst.host.lower(), lst.port) for lst in listeners}
+        self._addresses.update((host.lower(), port) for host, port in others)
 
     # input ---------------------------------------------------------------
     def receive(self, data: bytes, peer: Peer, now: float) -> list[Output]:
@@ -897,6 +906,7 @@ class Element:
             return self._listener_of(flow)
         v6 = ":" in target.address
         family = [lst for lst in self.listeners if (":" in lst.host) == v6]
+        family.sort(key=lambda lst: not lst.pool_side)  # this worker's own first
         for lst in family:
             if lst.transport == target.transport:
                 return lst

@@ -20,10 +20,29 @@ LEVELS = {
 }
 
 
+#: Fields every line of this process carries (a worker's number), kept
+#: across ``configure`` calls: SIGHUP reconfigures the level.
+_TAGS: dict[str, object] = {}
+
+
+def tag(**fields: object) -> None:
+    """Add ``fields`` to every later line of this process, from any thread."""
+    _TAGS.update(fields)
+
+
+def _add_tags(
+    logger: object, method: str, event: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    for key, value in _TAGS.items():
+        event.setdefault(key, value)
+    return event
+
+
 def configure(level: str = "info") -> None:
     """Set up structlog for JSON lines at ``level`` (debug|info|warning|error)."""
     structlog.configure(
         processors=[
+            _add_tags,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -31,6 +50,8 @@ def configure(level: str = "info") -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        # one write per line: the lines of several workers sharing stdout
+        # never interleave (a pipe write of up to PIPE_BUF bytes is atomic)
+        logger_factory=structlog.WriteLoggerFactory(sys.stdout),
         cache_logger_on_first_use=False,
     )

@@ -26,6 +26,7 @@ import ssl
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -42,6 +43,9 @@ from proxy.sip.peer import Peer, Send
 from proxy.sip.transaction import Timers
 from proxy.store import EndpointStore, Snapshot
 from proxy.transport import Transports
+
+if TYPE_CHECKING:
+    from proxy.workers import WorkerPlan
 
 log = structlog.get_logger("server")
 
@@ -118,12 +122,16 @@ class Server:
         settings: Settings,
         load: Callable[[], Settings] | None = None,
         notifier: Notifier | None = None,
+        worker: WorkerPlan | None = None,
     ) -> None:
         #: The settings in effect: those of the start, with what reloads applied.
         self.settings = settings
         #: Reads the configuration again (file and command-line overrides); SIGHUP.
         self.load: Callable[[], Settings] = load or (lambda: settings)
-        self.notifier = notifier or Notifier()
+        #: One worker of several (``proxy.workers``), or None: the only process.
+        self.worker = worker
+        #: systemd hears from the main process: the supervisor, when there are workers.
+        self.notifier = notifier or (Notifier({}) if worker is not None else Notifier())
         #: What SIGHUP applies, in order; a hook for run-time settings of its
         #: own is appended here before ``run()`` (see ``proxy.reload``).
         self.reload_hooks: list[ReloadHook] = [
@@ -147,7 +155,7 @@ class Server:
             record_route=proxy.record_route,
             target_timeout=proxy.target_timeout,
             retry_after=proxy.retry_after,
-            secret=read_secret(proxy.secret_file),
+            secret=worker.secret if worker is not None else read_secret(proxy.secret_file),
         )
         self.resolver = Resolver(
             endpoints=dns.endpoints() or None,
@@ -184,9 +192,12 @@ class Server:
         loop = asyncio.get_running_loop()
         metrics_at = self.settings.metrics.endpoint()
         if metrics_at is not None:
+            host, port = metrics_at
+            if self.worker is not None and port:
+                port += self.worker.index  # worker i of several: PORT + i
             self.metrics = MetricsServer(self)
             try:
-                await self.metrics.start(*metrics_at)
+                await self.metrics.start(host, port)
             except OSError as exc:
                 log.error("listen_failed", error=str(exc))
                 return 1
@@ -231,13 +242,20 @@ class Server:
             server_ssl=self.server_contexts.base_context if self.server_contexts else None,
             client_ssl=self._client_context,
         )
+        worker = self.worker
         try:
-            await self.transports.listen(self.settings.server.listen)
+            await self.transports.listen(self.settings.server.listen, reuse_port=worker is not None)
+            if worker is not None:  # this worker's own ports, toward pools
+                await self.transports.listen(worker.pool_side, sockets=worker.sockets)
         except OSError as exc:
             log.error("listen_failed", error=str(exc))
             await self.transports.close()
             return 1
-        self.element.set_listeners([Listener(*spec) for spec in self.transports.listeners])
+        shared = len(self.settings.server.listen)
+        self.element.set_listeners(
+            [Listener(*spec, i >= shared) for i, spec in enumerate(self.transports.listeners)],
+            worker.pool_addresses if worker is not None else (),
+        )
         self._watcher = watcher
         watcher.start()
         loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
@@ -246,6 +264,8 @@ class Server:
         self.ready = True
         log.info("ready", listen=self.transports.bound, mode=self.settings.server.mode)
         self.notifier.ready(self._status())
+        if worker is not None:
+            worker.ready()
         await self._stop.wait()
 
         log.info("draining", timeout=self.settings.server.drain_timeout)
@@ -262,7 +282,9 @@ class Server:
         await self.transports.close()
         if self._timer is not None:
             self._timer.cancel()
-        log.info("stopped", in_flight=self.element.in_flight())
+        log.info(
+            "stopped", in_flight=self.element.in_flight(), counters=dict(self.element.counters)
+        )
         self.notifier.close()
         return 0
 
@@ -483,8 +505,13 @@ TLS_RUNTIME_KEYS = (
 )
 
 
-def serve(settings: Settings, load: Callable[[], Settings] | None = None) -> int:
-    """Run the daemon on uvloop until it is stopped; returns the exit status.
+def serve(
+    settings: Settings,
+    load: Callable[[], Settings] | None = None,
+    worker: WorkerPlan | None = None,
+) -> int:
+    """Run the daemon (or one ``worker`` of it) on uvloop until it is stopped;
+    returns the exit status.
 
     ``load`` reads the configuration again on SIGHUP (default: ``settings``)."""
     import uvloop
@@ -494,4 +521,4 @@ def serve(settings: Settings, load: Callable[[], Settings] | None = None) -> int
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)
-    return uvloop.run(Server(settings, load).run())
+    return uvloop.run(Server(settings, load, worker=worker).run())

@@ -196,19 +196,36 @@ class Transports:
         self.undeliverable = 0
         self._next_conn = 0
         self._sweeper: asyncio.TimerHandle | None = None
+        self._observing = False
 
-    async def listen(self, addresses: list[ListenAddress]) -> None:
-        """Bind every listener; raises OSError naming the address on failure."""
-        if self.server_ssl is not None:
+    async def listen(
+        self,
+        addresses: list[ListenAddress],
+        *,
+        reuse_port: bool = False,
+        sockets: list[socket.socket] | None = None,
+    ) -> None:
+        """Bind every listener; raises OSError naming the address on failure.
+
+        ``reuse_port``: SO_REUSEPORT, so the workers of one service each bind
+        the same address and the kernel spreads flows over them.
+        ``sockets``: already bound (and, for TCP/TLS, listening) sockets to
+        serve instead of binding, one per address.
+        """
+        if self.server_ssl is not None and not self._observing:
             observe_handshakes(self.server_ssl, self._handshake_failed)
-        for spec in addresses:
+            self._observing = True
+        for i, spec in enumerate(addresses):
+            sock = sockets[i] if sockets is not None else None
+            where: dict[str, Any] = {"sock": sock} if sock is not None else {}
             try:
                 if spec.transport == "udp":
                     index = len(self.udp)
+                    if sock is None:
+                        where = {"local_addr": (spec.host, spec.port), "reuse_port": reuse_port}
                     transport, proto = await self.loop.create_datagram_endpoint(
                         lambda index=index: UdpListener(index, self.deliver),  # type: ignore[misc]
-                        local_addr=(spec.host, spec.port),
-                        reuse_port=False,
+                        **where,
                     )
                     self.udp.append(proto)
                     port = transport.get_extra_info("sockname")[1]
@@ -218,13 +235,15 @@ class Transports:
                         raise OSError("no [tls] certificate configured")
                     number = len(self.servers)
                     kind = spec.transport
+                    if sock is None:
+                        where = {"host": spec.host, "port": spec.port, "reuse_address": True}
+                        if reuse_port:
+                            where["reuse_port"] = True
                     server = await self.loop.create_server(
                         lambda n=number, k=kind: StreamConnection(self, n, k),
-                        host=spec.host,
-                        port=spec.port,
-                        reuse_address=True,
                         backlog=1024,
                         ssl=self.server_ssl if kind == "tls" else None,
+                        **where,
                     )
                     self.servers.append(server)
                     port = server.sockets[0].getsockname()[1]
@@ -234,7 +253,8 @@ class Transports:
             self.bound.append(str(bound))
             self.listeners.append((spec.transport, spec.host, port, number))
             log.info("listening", listen=str(bound))
-        self._sweeper = self.loop.call_later(min(self.idle_timeout, 30.0), self._sweep)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(min(self.idle_timeout, 30.0), self._sweep)
 
     def _handshake_failed(self, exc: ssl.SSLError) -> None:
         self.tls_handshake_failures += 1

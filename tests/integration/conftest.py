@@ -104,7 +104,9 @@ def _read_log(daemon: Daemon) -> None:
             daemon.events.append(ev)
 
 
-def start_daemon(db: Path, host: str = "127.0.0.1", *extra: str) -> Daemon:
+def start_daemon(db: Path, host: str = "127.0.0.1", *extra: str, workers: int = 1) -> Daemon:
+    """``pcproxy serve`` on a free port (UDP and TCP); one process unless
+    ``workers`` says otherwise, ready (every worker ready) when this returns."""
     port = free_port(host)
     bracket = "[%s]" % host if ":" in host else host
     proc = subprocess.Popen(
@@ -119,6 +121,8 @@ def start_daemon(db: Path, host: str = "127.0.0.1", *extra: str) -> Daemon:
             "tcp:%s:%d" % (bracket, port),
             "--log-level",
             "info",
+            "--workers",
+            str(workers),
             *extra,
         ],
         stdout=subprocess.PIPE,
@@ -129,7 +133,7 @@ def start_daemon(db: Path, host: str = "127.0.0.1", *extra: str) -> Daemon:
     daemon = Daemon(proc, port, host, db)
     threading.Thread(target=_read_log, args=(daemon,), daemon=True).start()
     try:
-        daemon.wait_for("ready", timeout=15)
+        daemon.wait_for("ready", timeout=15, worker=None)
     except AssertionError:
         daemon.stop(signal.SIGKILL)
         raise
@@ -188,13 +192,15 @@ def sipp(
     tmp: Path | None = None,
     method: str | None = None,
     expect: dict[str, str] | None = None,
+    socket_per_call: bool = False,
 ) -> SippResult:
     """Run one bounded SIPp UAC scenario against the daemon; rc 0 = all calls passed.
 
     ``keys`` go to SIPp (``-key``) for the message text.  SIPp takes no
     keyword for the method nor in XML attributes, so ``method`` and
     ``expect`` (``[status]``, ``[hdr]``, ``[hdr_re]``, ``[contact]``) are
-    written into a copy of the scenario.
+    written into a copy of the scenario.  ``socket_per_call``: each call from
+    its own UDP port or TCP connection (SIPp ``-t un`` / ``-t tn``).
     """
     if SIPP is None:
         pytest.fail("sipp is not installed: run scripts/test (apt-get install sip-tester)")
@@ -229,7 +235,7 @@ def sipp(
         "-r",
         "50",
         "-t",
-        "u1" if transport == "udp" else "t1",
+        ("u" if transport == "udp" else "t") + ("n" if socket_per_call else "1"),
         "-timeout",
         "%ds" % int(timeout),
         "-timeout_error",
@@ -247,6 +253,8 @@ def sipp(
         "-cp",
         str(free_port()),
     ]
+    if socket_per_call:
+        cmd += ["-max_socket", "1000"]
     for k, v in (keys or {}).items():
         cmd += ["-key", k, v]
     done = subprocess.run(

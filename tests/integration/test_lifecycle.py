@@ -73,14 +73,19 @@ def pki(tmp_path: Path) -> Pki:
 
 
 def start(
-    tmp_path: Path, config: str, env: dict[str, str] | None = None, port: int | None = None
+    tmp_path: Path,
+    config: str,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
+    workers: int = 1,
 ) -> Daemon:
-    """``pcproxy serve --config FILE --db DB``: everything else from the file."""
+    """``pcproxy serve --config FILE --db DB --workers N``: everything else
+    from the file; one process unless ``workers`` says otherwise."""
     path = tmp_path / "pcproxy.toml"
     path.write_text(config)
     db = tmp_path / "pcproxy.db"
     proc = subprocess.Popen(
-        [*PCPROXY, "serve", "--config", str(path), "--db", str(db)],
+        [*PCPROXY, "serve", "--config", str(path), "--db", str(db), "--workers", str(workers)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -376,6 +381,37 @@ def test_sd_notify_messages_arrive_in_order(tmp_path: Path, stopper: Started) ->
         daemon.stop(signal.SIGTERM)
         stopping = receive()
         assert stopping["STOPPING"] == "1" and stopping["STATUS"].startswith("draining")
+        assert daemon.proc.returncode == 0
+
+
+def test_with_workers_the_supervisor_alone_speaks_to_systemd(
+    tmp_path: Path, stopper: Started
+) -> None:
+    """systemd hears from its main process: READY=1 once every worker is
+    ready, RELOADING=1 then READY=1 for SIGHUP, STOPPING=1 for SIGTERM;
+    nothing from the workers themselves."""
+    name = "pcproxy-test-%d-%s" % (os.getpid(), os.urandom(4).hex())
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(b"\0" + name.encode())
+        notify.settimeout(15)
+        port = free_port()
+        config = '[server]\nlisten = ["udp:127.0.0.1:%d"]\n' % port
+        daemon = start(tmp_path, config, env={"NOTIFY_SOCKET": "@" + name}, port=port, workers=2)
+        stopper.append(daemon)
+
+        def receive() -> dict[str, str]:
+            data = notify.recv(4096).decode()
+            return dict(line.split("=", 1) for line in data.splitlines())
+
+        assert receive() == {"READY": "1", "STATUS": "serving with 2 workers"}
+        os.kill(daemon.proc.pid, signal.SIGHUP)
+        assert receive()["RELOADING"] == "1"
+        assert receive()["READY"] == "1"
+        daemon.stop(signal.SIGTERM)
+        assert receive()["STOPPING"] == "1"
+        notify.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            notify.recv(4096)  # no worker spoke
         assert daemon.proc.returncode == 0
 
 

@@ -119,7 +119,9 @@ def pool_server(ca: trustme.CA, name: str) -> TlsPool:
     return pool
 
 
-def proxy_with_tls(tmp_path: Path, ca: trustme.CA, nsd: DnsServer, pool: TlsPool) -> Daemon:
+def proxy_with_tls(
+    tmp_path: Path, ca: trustme.CA, nsd: DnsServer, pool: TlsPool, workers: int = 1
+) -> Daemon:
     own = ca.issue_cert("pcproxy.contoso.com")
     cert, key, bundle = tmp_path / "pcproxy.pem", tmp_path / "pcproxy.key", tmp_path / "ca.pem"
     own.private_key_pem.write_to_path(str(key))
@@ -157,6 +159,7 @@ def proxy_with_tls(tmp_path: Path, ca: trustme.CA, nsd: DnsServer, pool: TlsPool
         "tls:127.0.0.1:%d" % tls_port,
         "--nameserver",
         nsd.nameserver,
+        workers=workers,
     )
 
 

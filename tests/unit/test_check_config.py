@@ -106,7 +106,7 @@ def test_valid_tls_material_passes(tmp_path: Path, pki: dict[str, Path]) -> None
 # pydantic's checks, named ---------------------------------------------------------------
 def test_unknown_key_is_named_with_the_keys_that_exist(tmp_path: Path) -> None:
     assert problems(tmp_path, "[server]\nlisen = ['udp:127.0.0.1:5060']\n") == [
-        "server.lisen: unknown key (known keys: drain_timeout, listen, mode, server_name)"
+        "server.lisen: unknown key (known keys: drain_timeout, listen, mode, server_name, workers)"
     ]
 
 
