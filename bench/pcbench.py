@@ -631,7 +631,7 @@ class Runner:
         return ["--pool-transport", "tcp"]
 
     def serve_args(self):
-        return []
+        return ["--mode", "redirect"]  # proxy is the daemon's default
 
     def kamailio_args(self):
         return []
