@@ -24,7 +24,8 @@ started in the supervisor, so no loop, thread or selector is inherited):
   is read (or drawn) once, so any worker accepts the tokens of another.
 
 The supervisor then waits: SIGHUP is forwarded to every ready worker (each
-reloads the table, as each also polls it); the first SIGTERM/SIGINT is
+re-reads the configuration and reloads the table, which each also polls);
+the first SIGTERM/SIGINT is
 forwarded as SIGTERM (every worker drains) and a second one again (they
 exit at once); a worker that dies unexpectedly is restarted after a
 back-off (0.5 s doubling to 30 s, reset once it has served for a minute).
@@ -33,7 +34,9 @@ certificate) stops the service: the supervisor exits 1.  After a clean
 drain of every worker it exits 0.
 
 Workers run in their own process group, so a terminal's Ctrl-C reaches
-only the supervisor, and get SIGTERM if the supervisor dies.
+only the supervisor, and get SIGTERM if the supervisor dies.  The
+supervisor is systemd's main process and alone speaks sd_notify: READY once
+every worker is ready, RELOADING/READY around a forwarded SIGHUP, STOPPING.
 """
 
 from __future__ import annotations
