@@ -59,9 +59,9 @@ from proxy.sip.peer import Peer, Send
 from proxy.sip.proxy_core import (
     ProxyRejection,
     branch_for,
+    cancel_of,
     choose_best,
     forward,
-    make_cancel,
     preprocess_route,
     stateless_unique,
     strip_own_via,
@@ -1152,7 +1152,7 @@ class Element:
         key = client_key(branch, "CANCEL")
         if key in self.clients:
             return []  # already cancelled
-        cancel = parse(make_cancel(client.data))
+        cancel = parse(cancel_of(client.request))  # the request as forwarded, already parsed
         assert isinstance(cancel, Request)
         txn = NonInviteClientTransaction(cancel, client.peer, self.config.timers)
         self.clients[key] = (txn, None)

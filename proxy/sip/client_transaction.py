@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.sip.errors import SipError
-from proxy.sip.message import Request, Response, parse
+from proxy.sip.message import Request, Response, hop_request, parse
 from proxy.sip.peer import Peer, Send
 from proxy.sip.transaction import (
     StartTimer,
@@ -328,16 +328,7 @@ def build_ack(request: Request, response: bytes) -> bytes:
         raise TransactionError("cannot acknowledge: %s" % exc.reason) from None
     if not isinstance(msg, Response) or request.cseq is None:
         raise TransactionError("cannot acknowledge: not a response to a parsed request")
-    vias = request.get_all("via")
-    lines = ["ACK %s SIP/2.0" % request.uri, "Via: %s" % vias[0]]
-    lines += request.raw_lines("route")
-    lines.append("Max-Forwards: 70")
-    lines += request.raw_lines("from")
-    lines += msg.raw_lines("to")
-    lines += request.raw_lines("call-id")
-    lines.append("CSeq: %d ACK" % request.cseq.number)
-    lines.append("Content-Length: 0")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return hop_request("ACK", request, msg.raw_lines("to"))
 
 
 def client_key(branch: str, method: str) -> tuple[str, str]:

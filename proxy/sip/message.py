@@ -412,6 +412,29 @@ def _check_single(keys: list[str], lines: list[str]) -> None:
             first[key] = raw
 
 
+def hop_request(method: str, request: Request, to_lines: list[str]) -> bytes:
+    """An ACK for a 3xx-6xx (RFC 3261 §17.1.1.3) or a CANCEL (§9.1) of
+    ``request``: its Request-URI; a single Via, its top one (same branch, so
+    the server transaction downstream matches it, §17.2.3, §9.2); its Route
+    lines; ``Max-Forwards: 70``; its From and Call-ID; ``to_lines`` (the
+    response's To for an ACK, the request's for a CANCEL); its CSeq number
+    with ``method``; no body.  Copied lines keep their bytes.
+    """
+    assert request.cseq is not None, "a parsed request has a CSeq"
+    first_via = request.raw_lines("via")[0]
+    vias = split_commas(line_value(first_via))
+    lines = ["%s %s SIP/2.0" % (method, request.uri)]
+    lines.append(first_via if len(vias) == 1 else "Via: %s" % vias[0])
+    lines += request.raw_lines("route")
+    lines.append("Max-Forwards: 70")
+    lines += request.raw_lines("from")
+    lines += to_lines
+    lines += request.raw_lines("call-id")
+    lines.append("CSeq: %d %s" % (request.cseq.number, method))
+    lines.append("Content-Length: 0")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
 def make_response(
     request: Request,
     status: int,

@@ -50,7 +50,7 @@ from proxy.sip.headers import (
     separator_offsets,
     split_commas,
 )
-from proxy.sip.message import Header, Request, Response, line_value, parse
+from proxy.sip.message import Header, Request, Response, hop_request, line_value, parse
 from proxy.sip.uri import parse_uri, scheme_of
 
 __all__ = [
@@ -65,6 +65,7 @@ __all__ = [
     "forward",
     "forward_request",
     "loop_part",
+    "cancel_of",
     "make_cancel",
     "preprocess_route",
     "process_response",
@@ -487,31 +488,27 @@ def choose_best(finals: list[int]) -> int:
 
 # §9.1 ------------------------------------------------------------------------
 def make_cancel(forwarded_invite_bytes: bytes) -> bytes:
+    """The CANCEL for a request this proxy forwarded, from its bytes (see
+    ``cancel_of``)."""
+    msg = parse(forwarded_invite_bytes)
+    if not isinstance(msg, Request):
+        raise SipError("CANCEL needs a request")
+    return cancel_of(msg)
+
+
+def cancel_of(msg: Request) -> bytes:
     """The CANCEL for a request this proxy forwarded (RFC 3261 §9.1, §16.10).
 
     Request-URI, Call-ID, To, From and the CSeq number are the request's
     (method CANCEL); a single Via, the request's top one (ours, so the
     branch matches the server transaction downstream, §9.2); the request's
-    Route lines; ``Max-Forwards: 70``; no body.  The header lines it copies
-    keep their bytes.
+    Route lines; ``Max-Forwards: 70``; no body (``message.hop_request``).
     """
-    msg = parse(forwarded_invite_bytes)
-    if not isinstance(msg, Request) or msg.cseq is None:
+    if msg.cseq is None:
         raise SipError("CANCEL needs a request")
     if msg.method in ("ACK", "CANCEL"):
         raise SipError("an %s cannot be cancelled (§9.1)" % msg.method)
-    first_via = msg.raw_lines("via")[0]
-    vias = split_commas(line_value(first_via))
-    lines = ["%s %s SIP/2.0" % ("CANCEL", msg.uri)]
-    lines.append(first_via if len(vias) == 1 else "Via: %s" % vias[0])
-    lines += msg.raw_lines("route")
-    lines.append("Max-Forwards: %d" % DEFAULT_MAX_FORWARDS)
-    lines += msg.raw_lines("from")
-    lines += msg.raw_lines("to")
-    lines += msg.raw_lines("call-id")
-    lines.append("CSeq: %d CANCEL" % msg.cseq.number)
-    lines.append("Content-Length: 0")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return hop_request("CANCEL", msg, msg.raw_lines("to"))
 
 
 # raw header line editing -------------------------------------------------------
