@@ -391,14 +391,8 @@ class Element:
                 return self._run(txn, ACK_RECEIVED, now)  # type: ignore[return-value]
         elif data[:1] in _BLANK and not data.strip(_BLANK):
             return []  # keep-alive on a datagram transport (RFC 5626 §3.5.1)
-        cfg = self.config
         try:
-            msg = parse(
-                data,
-                stream=peer.reliable,
-                max_size=cfg.max_message_size,
-                max_headers=cfg.max_headers,
-            )
+            msg = self._parse(data, peer)
         except SipError as exc:
             return self._reject_malformed(exc, peer)  # type: ignore[return-value]
         if isinstance(msg, Response):
@@ -428,24 +422,38 @@ class Element:
         built per §8.2.6 and sent back per §18.2.2; an ACK, a response or a
         request whose Via cannot be read gets nothing (§17.2.1, §18.1.2).
         """
-        cfg = self.config
         try:
-            req = parse(
-                data,
-                stream=peer.reliable,
-                max_size=cfg.max_message_size,
-                max_headers=cfg.max_headers,
-            )
+            req = self._parse(data, peer)
             if not isinstance(req, Request) or req.method == "ACK":
                 return []
             via = req.top_via()
             vias = response_vias(req, via, peer)
         except SipError:
             return []
-        extra = [self._diagnostics(DIAG_UNTRUSTED if status == 403 else DIAG_RATE_LIMITED, reason)]
-        if retry_after is not None:
-            extra.append(Header.make("Retry-After", str(retry_after)))
+        diag = DIAG_UNTRUSTED if status == 403 else DIAG_RATE_LIMITED
+        extra = [] if retry_after is None else [Header.make("Retry-After", str(retry_after))]
+        return self._answer_statelessly(req, via, vias, peer, status, (diag, reason), extra)
+
+    def _parse(self, data: bytes, peer: Peer) -> Request | Response:
+        cfg = self.config
+        return parse(
+            data, stream=peer.reliable, max_size=cfg.max_message_size, max_headers=cfg.max_headers
+        )
+
+    def _answer_statelessly(
+        self,
+        req: Request,
+        via: Via,
+        vias: list[Header] | None,
+        peer: Peer,
+        status: int,
+        diag: tuple[int, str],
+        extra: list[Header],
+    ) -> list[Send]:
+        """A final response no transaction keeps (a refusal, a malformed
+        request): §8.2.6, sent back per §18.2.2."""
         self.counters["responses.%d" % status] += 1
+        extra = [self._diagnostics(*diag), *extra]
         resp = make_response(req, status, to_tag=self._new_tag(), via=vias, extra=extra)
         return [Send(bytes(resp), response_peer(via, peer))]
 
@@ -1204,17 +1212,10 @@ class Element:
             except SipError:
                 via = _sent_by_only(partial)  # the Via lines are copied as they are
             if via is not None:
-                self.counters["responses.%d" % exc.status] += 1
                 self.counters["malformed_answered"] += 1
-                extra = [self._diagnostics(DIAG_BAD_REQUEST, exc.reason)]
-                resp = make_response(
-                    partial,
-                    exc.status,
-                    to_tag=self._new_tag(),
-                    via=vias,
-                    extra=extra,
+                return self._answer_statelessly(
+                    partial, via, vias, peer, exc.status, (DIAG_BAD_REQUEST, exc.reason), []
                 )
-                return [Send(bytes(resp), response_peer(via, peer))]
         self.counters["malformed_dropped"] += 1
         return []
 
