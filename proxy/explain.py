@@ -159,15 +159,7 @@ async def resolve(explanation: Explanation, settings: Settings) -> list[Target]:
     endpoint = explanation.endpoint
     assert endpoint is not None
     records: list[QueryRecord] = []
-    dns, proxy = settings.dns, settings.proxy
-    resolver = Resolver(
-        endpoints=dns.endpoints() or None,
-        timeout=dns.timeout,
-        lifetime=dns.lifetime,
-        default_port=proxy.default_port,
-        default_transport=proxy.default_transport,
-        on_query=records.append,
-    )
+    resolver = Resolver.from_settings(settings, on_query=records.append)
     explanation.nameservers = [_nameserver(ns) for ns in resolver.dns_resolver.nameservers]
     targets: list[Target] = []
     try:

@@ -49,7 +49,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import dns.asyncresolver
 import dns.exception
@@ -62,6 +62,9 @@ import dns.resolver
 from dns.rdtypes.IN.SRV import SRV
 
 from proxy.sip.errors import SipError
+
+if TYPE_CHECKING:
+    from proxy.config import Settings
 
 DEFAULT_PORT: Final = 5041
 """The Persistent Chat pool's SIP port (Lync default, TLS)."""
@@ -339,6 +342,25 @@ class Resolver:
         init=False, default_factory=dict
     )
     _sent: int = field(init=False, default=0)
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, on_query: Callable[[QueryRecord], None] | None = None
+    ) -> Resolver:
+        """The resolver ``[dns]`` and ``[proxy]`` describe: the daemon's, and
+        ``pcproxy explain``'s (which passes ``on_query`` to record each step)."""
+        dns_, proxy = settings.dns, settings.proxy
+        return cls(
+            endpoints=dns_.endpoints() or None,
+            timeout=dns_.timeout,
+            lifetime=dns_.lifetime,
+            cache_size=dns_.cache_size,
+            max_stale=dns_.max_stale,
+            default_port=proxy.default_port,
+            default_transport=proxy.default_transport,
+            failure_ttl=proxy.failure_ttl,
+            on_query=on_query,
+        )
 
     def __post_init__(self) -> None:
         configure = self.nameservers is None and not self.endpoints

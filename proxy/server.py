@@ -145,7 +145,7 @@ class Server:
         self._watcher: TableWatcher | None = None
         self._reload_task: asyncio.Task[None] | None = None
         self._reload_again = False
-        sip, proxy, dns = settings.sip, settings.proxy, settings.dns
+        sip, proxy = settings.sip, settings.proxy
         self.element_config = ElementConfig(
             default_mode=settings.server.mode,
             server_name=settings.server.server_name,
@@ -157,16 +157,7 @@ class Server:
             retry_after=proxy.retry_after,
             secret=worker.secret if worker is not None else read_secret(proxy.secret_file),
         )
-        self.resolver = Resolver(
-            endpoints=dns.endpoints() or None,
-            timeout=dns.timeout,
-            lifetime=dns.lifetime,
-            cache_size=dns.cache_size,
-            max_stale=dns.max_stale,
-            default_port=proxy.default_port,
-            default_transport=proxy.default_transport,
-            failure_ttl=proxy.failure_ttl,
-        )
+        self.resolver = Resolver.from_settings(settings)
         #: The trust boundary; ``admission.configure(settings)`` swaps its
         #: networks, names and limits at run time.
         self.admission = Admission(settings)
