@@ -18,9 +18,17 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import Daemon, cli, free_port, sipp, start_daemon
-from .nsd import render_zone, start_nsd
-from .test_proxy import DOMAIN, MEMBER, PoolNet, SilentMember, client, pool_member, run_calls
+from .conftest import Daemon, cli, sipp
+from .test_proxy import (  # noqa: F401  (the pool_net fixture)
+    DOMAIN,
+    PoolNet,
+    SilentMember,
+    client,
+    pool_member,
+    pool_net,
+    run_calls,
+    start_proxy,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -42,15 +50,6 @@ SECRET = "s3cr3t-digest-response"
 
 
 @pytest.fixture
-def pool_net(tmp_path: Path) -> Iterator[PoolNet]:
-    ports = {name: free_port(host) for name, host in MEMBER.items()}
-    render_zone("proxy.zone.in", tmp_path / "zone", ports)
-    server = start_nsd(tmp_path / "nsd", tmp_path / "zone")
-    yield PoolNet(server, ports)
-    server.stop()
-
-
-@pytest.fixture
 def observed(tmp_path: Path, pool_net: PoolNet) -> Iterator[tuple[Daemon, int]]:
     """The daemon in proxy mode with three endpoints, and its metrics port."""
     db = tmp_path / "metrics.db"
@@ -64,20 +63,8 @@ def observed(tmp_path: Path, pool_net: PoolNet) -> Iterator[tuple[Daemon, int]]:
     )
     done = cli("endpoint", "import", str(csv), db=db)
     assert done.returncode == 0, done.stderr
-    config = tmp_path / "metrics.toml"
-    config.write_text(CONFIG)
-    daemon = start_daemon(
-        db,
-        "127.0.0.1",
-        "--mode",
-        "proxy",
-        "--nameserver",
-        pool_net.nsd.nameserver,
-        "--config",
-        str(config),
-        "--metrics",
-        "127.0.0.1:0",  # a free port, as the log says: no race with the SIP ports
-    )
+    # the metrics port: a free one, as the log says, so no race with the SIP ports
+    daemon = start_proxy(db, pool_net, tmp_path, "--metrics", "127.0.0.1:0", config=CONFIG)
     listening = daemon.wait_for("metrics_listening")
     assert listening["host"] == "127.0.0.1"
     yield daemon, int(listening["port"])  # type: ignore[call-overload]
@@ -293,30 +280,38 @@ def daemon_waits(silent: SilentMember, timeout: float = 10.0) -> None:
     raise AssertionError("the INVITE never reached the silent pool member")
 
 
-def test_a_drain_lets_the_call_in_flight_finish_then_exits_0(
+def test_a_drain_lets_the_invite_in_flight_finish_then_exits_0(
     observed: tuple[Daemon, int], pool_net: PoolNet, tmp_path: Path
 ) -> None:
     """SIGTERM while the pool still rings: new requests get 503 and /readyz
-    says draining, while the call in flight gets its 200, its ACK and its BYE
-    through, after which the daemon exits 0 without a second signal."""
+    says draining, while the INVITE in flight gets the pool's 200; then, with
+    no transaction left, the daemon exits 0 without a second signal.  (A
+    drain waits for transactions, not for dialogs: a BYE sent after it ended
+    finds no daemon.)"""
     daemon, port = observed
     pool = pool_member(pool_net, "SRV_PORT", "pool_slow_call.xml", tmp_path)
-    caller = client(daemon, "gc_call.xml", tmp_path, transport="udp")
-    deadline = time.monotonic() + 10.0
-    while scrape(port)["pcproxy_transactions_in_flight{}"] < 1:
-        assert time.monotonic() < deadline, "the INVITE never got in flight"
-        time.sleep(0.05)
-    mark = daemon.mark()
-    daemon.proc.send_signal(signal.SIGTERM)
-    daemon.wait_for("draining", since=mark)
-    assert get(port, "/readyz") == (503, b"draining\n")
-    sip = UdpClient(daemon)
+    caller = UdpClient(daemon)
     try:
-        sip.send("INVITE", "sip:ocschat@%s" % DOMAIN, "z9hG4bK-late1", "late-1@test")
-        refused = sip.final()
-        assert refused.startswith(b"SIP/2.0 503 "), refused
-        sip.ack("sip:ocschat@%s" % DOMAIN, "z9hG4bK-late1", "late-1@test", refused)
+        caller.send("INVITE", "sip:ocschat@%s" % DOMAIN, "z9hG4bK-ring1", "ring-1@test")
+        deadline = time.monotonic() + 10.0
+        while scrape(port)["pcproxy_transactions_in_flight{}"] < 1:
+            assert time.monotonic() < deadline, "the INVITE never got in flight"
+            time.sleep(0.05)
+        mark = daemon.mark()
+        daemon.proc.send_signal(signal.SIGTERM)
+        daemon.wait_for("draining", since=mark)
+        assert get(port, "/readyz") == (503, b"draining\n")
+        late = UdpClient(daemon)
+        try:
+            late.send("INVITE", "sip:ocschat@%s" % DOMAIN, "z9hG4bK-late1", "late-1@test")
+            refused = late.final()
+            assert refused.startswith(b"SIP/2.0 503 "), refused
+            late.ack("sip:ocschat@%s" % DOMAIN, "z9hG4bK-late1", "late-1@test", refused)
+        finally:
+            late.close()
+        answer = caller.final()  # the pool's 200, two seconds after the 180
+        assert answer.startswith(b"SIP/2.0 200 "), answer
     finally:
-        sip.close()
-    run_calls(daemon, caller, pool)  # INVITE 180 200 ACK BYE 200, all during the drain
+        caller.close()
     assert daemon.proc.wait(timeout=20) == 0
+    pool.stop()  # its connection to pcproxy went with the daemon
