@@ -352,67 +352,73 @@ def test_an_invalid_file_on_sighup_keeps_everything_and_names_the_field(
 # --- systemd ----------------------------------------------------------------------------
 
 
-def test_sd_notify_messages_arrive_in_order(tmp_path: Path, stopper: Started) -> None:
-    name = "pcproxy-test-%d-%s" % (os.getpid(), os.urandom(4).hex())
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-        notify.bind(b"\0" + name.encode())
-        notify.settimeout(15)
+class NotifySocket:
+    """systemd's side of sd_notify: an abstract AF_UNIX datagram socket."""
+
+    def __init__(self) -> None:
+        self.name = "pcproxy-test-%d-%s" % (os.getpid(), os.urandom(4).hex())
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(b"\0" + self.name.encode())
+        self.sock.settimeout(15)
+
+    def start(self, tmp_path: Path, workers: int = 1) -> Daemon:
+        """The daemon on a free UDP port, told to notify this socket."""
         port = free_port()
         config = '[server]\nlisten = ["udp:127.0.0.1:%d"]\n' % port
-        daemon = start(tmp_path, config, env={"NOTIFY_SOCKET": "@" + name}, port=port)
-        stopper.append(daemon)
+        env = {"NOTIFY_SOCKET": "@" + self.name}
+        return start(tmp_path, config, env=env, port=port, workers=workers)
 
-        def receive() -> dict[str, str]:
-            data = notify.recv(4096).decode()
-            return dict(line.split("=", 1) for line in data.splitlines())
+    def receive(self) -> dict[str, str]:
+        data = self.sock.recv(4096).decode()
+        return dict(line.split("=", 1) for line in data.splitlines())
 
-        ready = receive()
-        assert ready["READY"] == "1"
-        assert ready["STATUS"] == "serving 0 endpoints on udp:127.0.0.1:%d" % port
-        os.kill(daemon.proc.pid, signal.SIGHUP)
-        reloading = receive()
-        assert reloading["RELOADING"] == "1"
-        assert (
-            0
-            < int(reloading["MONOTONIC_USEC"])
-            <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        )
-        assert receive()["READY"] == "1"
-        daemon.stop(signal.SIGTERM)
-        stopping = receive()
-        assert stopping["STOPPING"] == "1" and stopping["STATUS"].startswith("draining")
-        assert daemon.proc.returncode == 0
+
+@pytest.fixture
+def notify() -> Iterator[NotifySocket]:
+    sock = NotifySocket()
+    yield sock
+    sock.sock.close()
+
+
+def test_sd_notify_messages_arrive_in_order(
+    tmp_path: Path, stopper: Started, notify: NotifySocket
+) -> None:
+    daemon = notify.start(tmp_path)
+    stopper.append(daemon)
+    ready = notify.receive()
+    assert ready["READY"] == "1"
+    assert ready["STATUS"] == "serving 0 endpoints on udp:127.0.0.1:%d" % daemon.port
+    os.kill(daemon.proc.pid, signal.SIGHUP)
+    reloading = notify.receive()
+    assert reloading["RELOADING"] == "1"
+    assert (
+        0 < int(reloading["MONOTONIC_USEC"]) <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    )
+    assert notify.receive()["READY"] == "1"
+    daemon.stop(signal.SIGTERM)
+    stopping = notify.receive()
+    assert stopping["STOPPING"] == "1" and stopping["STATUS"].startswith("draining")
+    assert daemon.proc.returncode == 0
 
 
 def test_with_workers_the_supervisor_alone_speaks_to_systemd(
-    tmp_path: Path, stopper: Started
+    tmp_path: Path, stopper: Started, notify: NotifySocket
 ) -> None:
     """systemd hears from its main process: READY=1 once every worker is
     ready, RELOADING=1 then READY=1 for SIGHUP, STOPPING=1 for SIGTERM;
     nothing from the workers themselves."""
-    name = "pcproxy-test-%d-%s" % (os.getpid(), os.urandom(4).hex())
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-        notify.bind(b"\0" + name.encode())
-        notify.settimeout(15)
-        port = free_port()
-        config = '[server]\nlisten = ["udp:127.0.0.1:%d"]\n' % port
-        daemon = start(tmp_path, config, env={"NOTIFY_SOCKET": "@" + name}, port=port, workers=2)
-        stopper.append(daemon)
-
-        def receive() -> dict[str, str]:
-            data = notify.recv(4096).decode()
-            return dict(line.split("=", 1) for line in data.splitlines())
-
-        assert receive() == {"READY": "1", "STATUS": "serving with 2 workers"}
-        os.kill(daemon.proc.pid, signal.SIGHUP)
-        assert receive()["RELOADING"] == "1"
-        assert receive()["READY"] == "1"
-        daemon.stop(signal.SIGTERM)
-        assert receive()["STOPPING"] == "1"
-        notify.settimeout(0.5)
-        with pytest.raises(TimeoutError):
-            notify.recv(4096)  # no worker spoke
-        assert daemon.proc.returncode == 0
+    daemon = notify.start(tmp_path, workers=2)
+    stopper.append(daemon)
+    assert notify.receive() == {"READY": "1", "STATUS": "serving with 2 workers"}
+    os.kill(daemon.proc.pid, signal.SIGHUP)
+    assert notify.receive()["RELOADING"] == "1"
+    assert notify.receive()["READY"] == "1"
+    daemon.stop(signal.SIGTERM)
+    assert notify.receive()["STOPPING"] == "1"
+    notify.sock.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        notify.sock.recv(4096)  # no worker spoke
+    assert daemon.proc.returncode == 0
 
 
 # --- SIGTERM ----------------------------------------------------------------------------

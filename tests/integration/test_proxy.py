@@ -116,20 +116,36 @@ def proxy_table(tmp_path: Path, pool_net: PoolNet) -> Path:
     return db
 
 
-@pytest.fixture
-def proxy_daemon(tmp_path: Path, pool_net: PoolNet, proxy_table: Path) -> Iterator[Daemon]:
-    config = tmp_path / "proxy.toml"
-    config.write_text(CONFIG)
-    daemon = start_daemon(
-        proxy_table,
-        "127.0.0.1",
+def start_proxy(
+    table: Path,
+    pool_net: PoolNet,
+    tmp_path: Path,
+    *extra: str,
+    config: str = CONFIG,
+    host: str = "127.0.0.1",
+    workers: int = 1,
+) -> Daemon:
+    """The daemon in proxy mode on ``host``, finding pools through the
+    test's NSD, with ``config`` as its file."""
+    path = tmp_path / "proxy.toml"
+    path.write_text(config)
+    return start_daemon(
+        table,
+        host,
         "--mode",
         "proxy",
         "--nameserver",
         pool_net.nsd.nameserver,
         "--config",
-        str(config),
+        str(path),
+        *extra,
+        workers=workers,
     )
+
+
+@pytest.fixture
+def proxy_daemon(tmp_path: Path, pool_net: PoolNet, proxy_table: Path) -> Iterator[Daemon]:
+    daemon = start_proxy(proxy_table, pool_net, tmp_path)
     yield daemon
     if daemon.proc.poll() is None:
         daemon.stop()
@@ -660,18 +676,7 @@ def test_cancel_of_a_ringing_invite_reaches_the_pool_and_487_the_client(
 def test_ipv6_client_reaches_an_ipv6_only_pool(
     pool_net: PoolNet, proxy_table: Path, tmp_path: Path
 ) -> None:
-    config = tmp_path / "proxy.toml"
-    config.write_text(CONFIG)
-    daemon = start_daemon(
-        proxy_table,
-        "::1",
-        "--mode",
-        "proxy",
-        "--nameserver",
-        pool_net.nsd.nameserver,
-        "--config",
-        str(config),
-    )
+    daemon = start_proxy(proxy_table, pool_net, tmp_path, host="::1")
     try:
         pool = pool_member(pool_net, "V6_PORT", "pool_call.xml", tmp_path)
         caller = start_sipp(

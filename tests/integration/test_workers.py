@@ -22,13 +22,13 @@ import trustme
 from .conftest import PCPROXY, Daemon, cli, free_port, sipp, start_daemon, start_sipp
 from .nsd import DnsServer
 from .test_proxy import (  # noqa: F401  (fixtures)
-    CONFIG,
     PoolNet,
     client,
     pool_member,
     pool_net,
     proxy_table,
     run_calls,
+    start_proxy,
 )
 from .test_tls_pool import POOL, ca, nsd, pool_server, proxy_with_tls  # noqa: F401  (fixtures)
 
@@ -184,20 +184,8 @@ def test_a_worker_that_cannot_bind_stops_the_service_with_status_1(table: Path) 
 
 # --- proxy mode through two workers -------------------------------------------------------
 @pytest.fixture
-def proxy_workers(tmp_path: Path, pool_net: PoolNet, proxy_table: Path) -> Iterator[Daemon]:  # noqa: F811
-    config = tmp_path / "proxy.toml"
-    config.write_text(CONFIG)
-    daemon = start_daemon(
-        proxy_table,
-        "127.0.0.1",
-        "--mode",
-        "proxy",
-        "--nameserver",
-        pool_net.nsd.nameserver,
-        "--config",
-        str(config),
-        workers=WORKERS,
-    )
+def proxy_workers(tmp_path: Path, pool_net: PoolNet, proxy_table: Path) -> Iterator[Daemon]:
+    daemon = start_proxy(proxy_table, pool_net, tmp_path, workers=WORKERS)
     yield daemon
     if daemon.proc.poll() is None:
         daemon.stop()
@@ -210,7 +198,7 @@ def pool_side_ports(daemon: Daemon) -> set[int]:
 
 def test_group_chat_flow_over_tcp_through_two_workers(
     proxy_workers: Daemon,
-    pool_net: PoolNet,  # noqa: F811
+    pool_net: PoolNet,
     tmp_path: Path,
 ) -> None:
     calls = 4
@@ -231,7 +219,7 @@ def test_group_chat_flow_over_tcp_through_two_workers(
 
 def test_proxied_calls_from_udp_clients_through_two_workers(
     proxy_workers: Daemon,
-    pool_net: PoolNet,  # noqa: F811
+    pool_net: PoolNet,
     tmp_path: Path,
 ) -> None:
     calls = 3
@@ -262,8 +250,8 @@ def test_ready_waits_for_every_worker(workers_daemon: Daemon) -> None:
 
 def test_calls_to_a_mutual_tls_pool_through_two_workers(
     tmp_path: Path,
-    ca: trustme.CA,  # noqa: F811
-    nsd: DnsServer,  # noqa: F811
+    ca: trustme.CA,
+    nsd: DnsServer,
 ) -> None:
     pool = pool_server(ca, POOL)
     daemon = proxy_with_tls(tmp_path, ca, nsd, pool, workers=WORKERS)
@@ -286,8 +274,8 @@ def test_calls_to_a_mutual_tls_pool_through_two_workers(
 
 def test_proxied_calls_to_a_udp_pool_come_back_to_each_workers_own_port(
     proxy_workers: Daemon,
-    pool_net: PoolNet,  # noqa: F811
-    proxy_table: Path,  # noqa: F811
+    pool_net: PoolNet,
+    proxy_table: Path,
     tmp_path: Path,
 ) -> None:
     host, port = pool_net.member("SRV_PORT")
