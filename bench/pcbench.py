@@ -636,6 +636,24 @@ class Runner:
     def kamailio_args(self):
         return []
 
+    def launch(self, system, cmd, cwd, port, transport, settle):
+        """Start ``system`` (its log in the run's directory), wait until it
+        listens on ``port`` (UDP and TCP), then note its child processes."""
+        logf = self.logs[system] = self.log_path(system, transport)
+        log("start: " + self.scrub.text(" ".join(cmd)))
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=open(logf, "w"), stderr=subprocess.STDOUT
+        )
+        self.procs[system] = proc
+        if not self.wait_ports(proc, port, 20):
+            raise RuntimeError(
+                "%s did not listen on %s (udp+tcp):\n%s"
+                % (system, self.target(system), self.tail(logf))
+            )
+        time.sleep(settle)
+        self.kids[system] = self.bl.descendants(proc.pid)
+        return proc
+
     def start_pcproxy(self, transport=None):
         a = self.a
         db = os.path.join(self.work, "endpoints%s.db" % ("-" + transport if transport else ""))
@@ -677,23 +695,7 @@ class Runner:
             "tcp:%s:%d" % (a.host, a.pcproxy_port),
         ]
         cmd += self.serve_args() + ["--log-level", "warning"]
-        logf = self.logs["pcproxy"] = self.log_path("pcproxy", transport)
-        log("start: " + self.scrub.text(" ".join(cmd)))
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            stdout=open(logf, "w"),
-            stderr=subprocess.STDOUT,
-        )
-        self.procs["pcproxy"] = proc
-        if not self.wait_ports(proc, a.pcproxy_port, 20):
-            raise RuntimeError(
-                "pcproxy did not listen on %s (udp+tcp):\n%s"
-                % (self.target("pcproxy"), self.tail(logf))
-            )
-        time.sleep(0.3)
-        self.kids["pcproxy"] = self.bl.descendants(proc.pid)
+        proc = self.launch("pcproxy", cmd, REPO, a.pcproxy_port, transport, settle=0.3)
         log(
             "pcproxy pid %d (%s), %d child processes"
             % (proc.pid, self.scrub.text(cmdline(proc.pid))[:80], len(self.kids["pcproxy"]))
@@ -738,23 +740,7 @@ class Runner:
             "sh",
             bl.rel(resolv),
         ] + kam
-        logf = self.logs["kamailio"] = self.log_path("kamailio", transport)
-        log("start: " + self.scrub.text(" ".join(cmd)))
-        proc = subprocess.Popen(
-            cmd,
-            cwd=bl.REPO,
-            stdin=subprocess.DEVNULL,
-            stdout=open(logf, "w"),
-            stderr=subprocess.STDOUT,
-        )
-        self.procs["kamailio"] = proc
-        if not self.wait_ports(proc, a.kamailio_port, 20):
-            raise RuntimeError(
-                "Kamailio did not listen on %s (udp+tcp):\n%s"
-                % (self.target("kamailio"), self.tail(logf))
-            )
-        time.sleep(0.5)
-        self.kids["kamailio"] = bl.descendants(proc.pid)
+        proc = self.launch("kamailio", cmd, bl.REPO, a.kamailio_port, transport, settle=0.5)
         log("kamailio pid %d, %d child processes" % (proc.pid, len(self.kids["kamailio"])))
 
     def start_servers(self, transport=None):
