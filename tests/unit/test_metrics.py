@@ -42,7 +42,7 @@ class Observed:
     ready: bool = True
 
 
-def fake_transports(**values: int) -> Transports:
+def fake_transports(**values: object) -> Transports:
     fields = {
         "counters_dropped": 0,
         "undeliverable": 0,
@@ -120,6 +120,20 @@ def test_scrape_folds_element_and_stream_drops_and_reads_tls_failures() -> None:
 def test_tls_handshake_failures_is_zero_when_transports_do_not_count_them() -> None:
     samples = scrape(Observed(make_element(), fake_transports()))
     assert samples["pcproxy_tls_handshake_failures_total{}"] == 0
+
+
+def test_trust_boundary_refusals_and_refused_connections_are_counted() -> None:
+    settings = Settings.model_validate({"security": {"trusted_networks": ["10.0.0.0/8"]}})
+    admission = Admission(settings)
+    admission.check(request("OPTIONS"), "192.0.2.9", 0.0)  # outside: 403
+    admission.check(b"SIP/2.0 200 OK\r\n\r\n", "192.0.2.9", 0.0)  # a response: dropped
+    transports = fake_transports(counters=Counter({"connections_refused_per_source": 4}))
+    samples = scrape(Observed(make_element(), transports, admission=admission))
+    assert samples["pcproxy_admission_refused_total{reason=untrusted}"] == 1
+    assert samples["pcproxy_admission_refused_total{reason=untrusted_dropped}"] == 1
+    assert samples["pcproxy_admission_refused_total{reason=rate_limited_answered}"] == 0
+    assert samples["pcproxy_connections_refused_total{bound=per_source}"] == 4
+    assert samples["pcproxy_connections_refused_total{bound=total}"] == 0
 
 
 def test_remembered_failed_pool_servers_are_gauges_per_target() -> None:
