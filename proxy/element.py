@@ -34,6 +34,7 @@ from typing import NamedTuple
 from proxy import routing
 from proxy.resolve import Target, is_address
 from proxy.sip.client_transaction import (
+    TIMER_D_UDP,
     ClientState,
     ClientTransaction,
     Deliver,
@@ -67,6 +68,7 @@ from proxy.sip.proxy_core import (
     strip_own_via,
     validate_request,
 )
+from proxy.sip.redirect import build_final, scan
 from proxy.sip.route_token import TOWARD_CLIENT, RouteTokens
 from proxy.sip.transaction import (
     ACK_RECEIVED,
@@ -130,6 +132,9 @@ class ElementConfig:
     #: tokens; workers of one service share it.
     secret: bytes = field(default_factory=lambda: os.urandom(32))
     retry_after: int = 5
+    #: Answer everyday INVITEs and SUBSCRIBEs for redirect endpoints through
+    #: ``proxy.sip.redirect`` (same bytes, a fraction of the work).
+    fast_redirect: bool = True
 
 
 class Listener(NamedTuple):
@@ -270,6 +275,7 @@ class Context:
 _BLANK = b"\r\n\t "
 
 #: The first Via of a datagram: sent-by and an RFC 3261 branch (§8.1.1.7).
+_STATUS_302 = b"SIP/2.0 302 Moved Temporarily\r\n"
 _ACK_VIA = re.compile(
     rb"\r\n(?:Via|v)[ \t]*:[ \t]*SIP/2\.0/[A-Za-z]+[ \t]+([^;, \t\r\n]+)"
     rb"(?:;(?!branch=)[^;,\r\n]*)*;branch=(z9hG4bK[^;, \t\r\n]+)[^,\r\n]*\r\n",
@@ -284,32 +290,52 @@ class TimerQueue:
     per delay (there are a handful: T1·2^n up to T2, 64·T1, T4) keeps arming,
     cancelling and expiring O(1).  Entries are keyed by (transaction, timer).
 
+    ``fixed`` names the timers that are nearly always armed with one delay
+    (H is always 64·T1, I is T4, G starts at T1): each gets a FIFO of its own
+    keyed by owner alone, the cheapest there is, used whenever it is armed
+    with that delay; any other delay (G doubling) takes the shared FIFOs.
+    Every redirected call arms and clears three such timers, so this is on
+    the hot path.
+
     ``next_deadline()`` looks at every FIFO; ``earliest_armed()`` only says
     how early the timers armed since the last of those calls are due, which
     is all a shell whose own timer already covers the older ones needs.
     """
 
-    __slots__ = ("_queues", "_armed", "_earliest_new")
+    __slots__ = ("_queues", "_armed", "_earliest_new", "_fixed")
 
-    def __init__(self) -> None:
+    def __init__(self, fixed: dict[str, float] | None = None) -> None:
         self._queues: dict[float, OrderedDict[tuple[object, str], float]] = {}
         self._armed: dict[tuple[object, str], float] = {}
         self._earliest_new: float | None = None
+        self._fixed: dict[str, tuple[float, OrderedDict[object, float]]] = {
+            name: (delay, OrderedDict()) for name, delay in (fixed or {}).items()
+        }
 
     def __len__(self) -> int:
-        return len(self._armed)
+        return len(self._armed) + sum(len(queue) for _, queue in self._fixed.values())
 
     def arm(self, owner: object, name: str, delay: float, now: float) -> None:
+        at = now + delay
+        fixed = self._fixed.get(name)
+        if fixed is not None:
+            queue = fixed[1]
+            if queue.pop(owner, None) is None:
+                self._cancel_shared(owner, name)
+            if fixed[0] == delay:
+                queue[owner] = at
+                earliest = self._earliest_new
+                if earliest is None or at < earliest:
+                    self._earliest_new = at
+                return
+        else:
+            self._cancel_shared(owner, name)
         entry = (owner, name)
-        armed = self._armed
-        old = armed.pop(entry, None)
-        if old is not None:
-            del self._queues[old][entry]
-        queue = self._queues.get(delay)
-        if queue is None:
-            queue = self._queues[delay] = OrderedDict()
-        queue[entry] = at = now + delay
-        armed[entry] = delay
+        shared = self._queues.get(delay)
+        if shared is None:
+            shared = self._queues[delay] = OrderedDict()
+        shared[entry] = at
+        self._armed[entry] = delay
         earliest = self._earliest_new
         if earliest is None or at < earliest:
             self._earliest_new = at
@@ -321,10 +347,16 @@ class TimerQueue:
         return at
 
     def cancel(self, owner: object, name: str) -> None:
-        entry = (owner, name)
-        delay = self._armed.pop(entry, None)
-        if delay is not None:
-            del self._queues[delay][entry]
+        fixed = self._fixed.get(name)
+        if fixed is None or fixed[1].pop(owner, None) is None:
+            self._cancel_shared(owner, name)
+
+    def _cancel_shared(self, owner: object, name: str) -> None:
+        if self._armed:
+            entry = (owner, name)
+            delay = self._armed.pop(entry, None)
+            if delay is not None:
+                del self._queues[delay][entry]
 
     def next_deadline(self) -> float | None:
         self._earliest_new = None
@@ -332,6 +364,11 @@ class TimerQueue:
         for queue in self._queues.values():
             if queue:
                 at = next(iter(queue.values()))
+                if best is None or at < best:
+                    best = at
+        for _, fixed in self._fixed.values():
+            if fixed:
+                at = next(iter(fixed.values()))
                 if best is None or at < best:
                     best = at
         return best
@@ -346,8 +383,40 @@ class TimerQueue:
                 del queue[entry]
                 del self._armed[entry]
                 due.append((at, entry))
+        for name, (_, fixed) in self._fixed.items():
+            while fixed:
+                owner, at = fixed.popitem(last=False)
+                if at > now:
+                    fixed[owner] = at
+                    fixed.move_to_end(owner, last=False)
+                    break
+                due.append((at, (owner, name)))
         due.sort(key=itemgetter(0))
         return [entry for _, entry in due]
+
+
+def fixed_delays(config: ElementConfig) -> dict[str, float]:
+    """The delay each timer name is nearly always armed with (RFC 3261
+    §17.1.1.2, §17.1.2.2, §17.2.1, §17.2.2, table 4; §16.8 Timer C; the
+    context timers of this module), for ``TimerQueue``'s own FIFOs."""
+    t = config.timers
+    return {
+        "A": t.t1,
+        "B": 64 * t.t1,
+        "D": TIMER_D_UDP,
+        "E": t.t1,
+        "F": 64 * t.t1,
+        "K": t.t4,
+        "G": t.t1,
+        "H": 64 * t.t1,
+        "I": t.t4,
+        "J": 64 * t.t1,
+        GIVE_UP: 64 * t.t1,
+        "T": config.target_timeout,
+        "C": config.timer_c,
+        "L": 64 * t.t1,
+        "X": 64 * t.t1,
+    }
 
 
 class Element:
@@ -360,7 +429,7 @@ class Element:
         self.transactions: dict[tuple[str, ...], ServerTransaction] = {}
         self.clients: dict[tuple[str, str], tuple[ClientTransaction, Context | None]] = {}
         self.contexts: dict[int, Context] = {}
-        self.timers = TimerQueue()
+        self.timers = TimerQueue(fixed_delays(self.config))
         self.counters: Counter[str] = Counter()
         self.draining = False
         self.tokens = RouteTokens(self.config.secret)
@@ -371,6 +440,10 @@ class Element:
         self._ref = 0
         self._tag_prefix = os.urandom(4).hex()
         self._tag_seq = 0
+        #: Request-URI -> (Contact line, endpoint address) of redirect
+        #: endpoints, for the snapshot it was computed from.
+        self._redirects: dict[bytes, tuple[bytes, str] | None] = {}
+        self._redirects_of: Snapshot | None = None
 
     def set_listeners(
         self, listeners: list[Listener], others: Iterable[tuple[str, int]] = ()
@@ -389,6 +462,10 @@ class Element:
             txn = self._ack_transaction(data)
             if txn is not None:
                 return self._run(txn, ACK_RECEIVED, now)  # type: ignore[return-value]
+        elif self.config.fast_redirect and data[:1] in b"IS":
+            out = self._fast_redirect(data, peer, now)
+            if out is not None:
+                return out
         elif data[:1] in _BLANK and not data.strip(_BLANK):
             return []  # keep-alive on a datagram transport (RFC 5626 §3.5.1)
         try:
@@ -472,6 +549,67 @@ class Element:
         if txn is None or txn.state not in (State.COMPLETED, State.CONFIRMED):
             return None
         return txn
+
+    def _fast_redirect(self, data: bytes, peer: Peer, now: float) -> list[Output] | None:
+        """The 302 to an everyday INVITE or SUBSCRIBE for a redirect
+        endpoint (``proxy.sip.redirect``), or None: take the general path.
+
+        The server transaction is the general path's own, so a
+        retransmission, the ACK and a CANCEL find it whichever path made it.
+        """
+        cfg = self.config
+        scanned = scan(data, cfg.max_message_size, cfg.max_headers)
+        if scanned is None or self.draining:
+            return None
+        contact = self._redirect_of(scanned.uri)
+        if contact is None:
+            return None
+        key = (scanned.branch, scanned.sent_by, scanned.method)
+        if key in self.transactions or key in self._by_server:
+            return None  # a retransmission: the general path answers it
+        rport = scanned.rport
+        if peer.reliable or peer.port == (scanned.via_port or 5060) or rport is not None:
+            dest = peer  # §18.2.2, RFC 3581 §4
+        else:
+            dest = Peer("udp", peer.host, scanned.via_port or 5060, peer.listener)
+        method = scanned.method
+        tag = self._new_tag()
+        txn_cls = InviteServerTransaction if method == "INVITE" else NonInviteServerTransaction
+        txn = txn_cls(key, dest, cfg.timers, tag)
+        self.transactions[key] = txn
+        counters = self.counters
+        counters["requests." + method] += 1
+        counters["responses.302"] += 1
+        counters["redirects"] += 1
+        counters["redirect_by." + contact[1]] += 1
+        response = build_final(scanned, _STATUS_302, contact[0], tag, peer.host, peer.port)
+        return self._run(txn, ResponseSent(302, response), now)  # type: ignore[return-value]
+
+    def _redirect_of(self, uri: bytes) -> tuple[bytes, str] | None:
+        """The Contact line of the 302 for this Request-URI and the
+        endpoint's address, or None (not a redirect endpoint: the general
+        path answers); remembered per snapshot."""
+        if self._redirects_of is not self.snapshot:
+            self._redirects = {}
+            self._redirects_of = self.snapshot
+        try:
+            return self._redirects[uri]
+        except KeyError:
+            pass
+        text = uri.decode("latin-1")
+        try:
+            decision = routing.decide(
+                self.snapshot, parse_uri(text), self.config.default_mode, aor_key_of(text)
+            )
+        except UriError:
+            return None
+        found = None
+        if isinstance(decision, routing.Redirect):
+            found = (b"Contact: %s\r\n" % decision.contact.encode(), decision.endpoint.sip_address)
+        if len(self._redirects) >= 1024:
+            self._redirects.clear()
+        self._redirects[uri] = found
+        return found
 
     def _receive_request(self, req: Request, peer: Peer, now: float) -> list[Output]:
         via = req.via or req.top_via()

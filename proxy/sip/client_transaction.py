@@ -82,6 +82,10 @@ class ClientState(enum.Enum):
     COMPLETED = "Completed"
     TERMINATED = "Terminated"
 
+    #: Members are singletons compared by identity: hash them by identity too
+    #: (``Enum.__hash__`` is Python code, and every event looks a state up).
+    __hash__ = object.__hash__
+
 
 # events -------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)

@@ -170,7 +170,7 @@ _T = r"[A-Za-z0-9\-.!%*_+`'~]+"
 #: The everyday Via: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK...;rport
 _VIA_FAST = re.compile(
     r"SIP/2\.0/([A-Za-z]+) ((?:[0-9]{1,3}\.){3}[0-9]{1,3}|(?:[A-Za-z0-9](?:[A-Za-z0-9-]*"
-    r"[A-Za-z0-9])?\.)*[A-Za-z](?:[A-Za-z0-9-]*[A-Za-z0-9])?)(?::([0-9]{1,4}))?"
+    r"[A-Za-z0-9])?\.)*[A-Za-z](?:[A-Za-z0-9-]*[A-Za-z0-9])?)(?::([0-9]{1,5}))?"
     r"((?:;%s(?:=%s)?)*)\Z" % (_T, _T)
 )
 
@@ -194,7 +194,7 @@ class Via(NamedTuple):
     @classmethod
     def parse(cls, value: str) -> Via:
         m = _VIA_FAST.match(value)
-        if m is not None:
+        if m is not None and not (m.group(3) and not 0 < int(m.group(3)) < 65536):
             transport, host, port, paramtext = m.groups()
             params: list[tuple[str, str | None]] = []
             for item in paramtext[1:].split(";") if paramtext else ():

@@ -47,6 +47,10 @@ class State(enum.Enum):
     CONFIRMED = "Confirmed"
     TERMINATED = "Terminated"
 
+    #: Members are singletons compared by identity: hash them by identity too
+    #: (``Enum.__hash__`` is Python code, and every event looks a state up).
+    __hash__ = object.__hash__
+
 
 @dataclass(frozen=True, slots=True)
 class Timers:

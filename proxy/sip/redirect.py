@@ -1,0 +1,303 @@
+"""The redirect builder's fast path: one scan of an everyday request.
+
+Theory of operation
+-------------------
+Nearly every message a redirect server sees has the same shape: an INVITE or
+a SUBSCRIBE from a legacy client for the well-known chat URI, one Via, no
+folding, no dialog.  ``scan`` reads such a request with a few regular
+expressions over its bytes and returns just what the 302 needs
+(``Scanned``); ``build_302`` writes that response.  The two together
+replace, for this one case, the general parser (``proxy.sip.message``), the
+UAS checks of RFC 3261 §8.2 and ``make_response`` (§8.2.6), and must give the
+very same bytes.
+
+``scan`` is conservative: it returns ``None`` for anything it is not sure
+of, and the caller takes the general path, which answers it exactly as
+before (a 400, a 420, a 483, a retransmission...).  What it accepts is what
+the general parser accepts without error *and* what needs no answer but a
+302 or a 404 from the table:
+
+* the request line ``INVITE|SUBSCRIBE sip:... SIP/2.0`` (§7.1, §25.1), no
+  leading CRLF (§7.5);
+* header lines of a token, a colon and a value, each ending in CRLF: no
+  folding, no bare CR or LF (§7.3.1), at most ``max_headers`` of them;
+* exactly one each of From, To, Call-ID, CSeq, at most one Max-Forwards and
+  Content-Length, at least one Via (§8.1.1, §20), and no Require (§8.2.2.3:
+  pcproxy supports no extension, so any Require needs a 420);
+* a top Via of one value in the everyday form, with an RFC 3261 branch
+  (§17.2.3) and no ``maddr`` (§18.2.2);
+* From and To name-addrs of the everyday form with a simple SIP URI, the To
+  without a tag (no dialog, §12.2.2);
+* a CSeq whose method is the request's (§8.1.1.5), a Max-Forwards above 0
+  (§16.3 step 3 would answer 483), a Content-Length the body fills (§18.3).
+
+``tests/unit/test_redirect_fast.py`` holds the proof: for generated requests
+and for the RFC 4475/5118 corpus, an element with the fast path sends the
+same bytes as one without it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+from proxy.sip.headers import _NAME_ADDR_FAST, _VIA_FAST
+
+#: RFC 3261 §7.1, the two methods a legacy client sends to the chat URI.
+_REQUEST_LINE = re.compile(rb"(INVITE|SUBSCRIBE) (sip:[^ \r\n]+) SIP/2\.0\r\n")
+_TOKEN = re.compile(rb"[A-Za-z0-9\-.!%*_+`'~]+\Z")
+#: Slots of the header fields the fast path reads; Via is 0, the ones the
+#: response copies come first.
+_VIA, _FROM, _TO, _CALL_ID, _CSEQ, _MAX_FORWARDS, _LENGTH, _REQUIRE = range(8)
+_OTHER = -1
+_KEYS = {
+    b"via": _VIA,
+    b"v": _VIA,
+    b"from": _FROM,
+    b"f": _FROM,
+    b"to": _TO,
+    b"t": _TO,
+    b"call-id": _CALL_ID,
+    b"i": _CALL_ID,
+    b"cseq": _CSEQ,
+    b"max-forwards": _MAX_FORWARDS,
+    b"content-length": _LENGTH,
+    b"l": _LENGTH,
+    b"require": _REQUIRE,
+}
+#: Header names as written -> their slot, or ``_OTHER`` for any other valid
+#: name; filled as names are met (bounded).
+_names: dict[bytes, int] = {
+    **_KEYS,
+    **{k.title(): v for k, v in _KEYS.items()},
+    b"Call-ID": _CALL_ID,
+    b"CSeq": _CSEQ,
+}
+_NAMES_MAX = 4096
+#: To values already found to be everyday name-addrs without a tag: the To
+#: of every request for the chat URI is the same.
+_plain_to: set[bytes] = set()
+#: Max-Forwards values above 0, as written (§8.1.1.6: 70 is the default).
+_HOPS = frozenset(str(n).encode() for n in range(1, 256))
+_CSEQ_LIMIT = 2**31
+_LWS = b" \t"
+
+
+def _key_of(name: bytes) -> int | None:
+    """The slot of a header name as written, ``_OTHER`` for another valid
+    name, None for an invalid one (folding, a bad character)."""
+    stripped = name.rstrip(_LWS)
+    if not _TOKEN.match(stripped):
+        return None
+    key = _KEYS.get(stripped.lower(), _OTHER)
+    if len(_names) < _NAMES_MAX:
+        _names[name] = key
+    return key
+
+
+#: The everyday Via and name-addr of ``proxy.sip.headers``, over bytes: the
+#: same patterns (ASCII classes only), so whatever these match the general
+#: parser reads the same way.
+_VIA_RE = re.compile(_VIA_FAST.pattern.encode())
+_NAME_ADDR_RE = re.compile(_NAME_ADDR_FAST.pattern.encode())
+
+
+class Scanned(NamedTuple):
+    """What a 302 or 404 needs of an everyday request."""
+
+    method: str
+    uri: bytes
+    branch: str
+    #: The top Via's sent-by, lower case: with ``branch`` and ``method``, the
+    #: server transaction's key (§17.2.3).
+    sent_by: str
+    via_host: str
+    via_port: int | None
+    #: None: no ``rport``; "": asked for (RFC 3581 §4); else its value.
+    rport: str | None
+    received: bool
+    #: The raw Via lines, top first, and the raw From, To, Call-ID and CSeq
+    #: lines in the order they came (Via lines included, in place).
+    vias: list[bytes]
+    copied: list[bytes]
+    to_index: int
+
+
+def scan(data: bytes, max_size: int, max_headers: int) -> Scanned | None:
+    """Read an everyday INVITE or SUBSCRIBE, or say ``None``: take the
+    general path (see the module's docstring for what is everyday).
+
+    Written for speed (it runs once per call): one pass over the header
+    lines that only slices the name of a line it does not need."""
+    if len(data) > max_size:
+        return None
+    start = _REQUEST_LINE.match(data)
+    if start is None:
+        return None
+    head = start.end()
+    end = data.find(b"\r\n\r\n", head - 2)
+    if end < head:
+        return None
+    lines = data[head:end].split(b"\r\n")
+    n = len(lines)
+    if (
+        n > max_headers
+        or end - head > 8192
+        # a CR or LF that is not a line end (§7.3.1)
+        or data.count(b"\n", head, end) != n - 1
+        or data.count(b"\r", head, end) != n - 1
+    ):
+        return None
+    vias: list[bytes] = []
+    copied: list[bytes] = []
+    slots: list[bytes | None] = [None, None, None, None, None, None, None, None]
+    to_index = -1
+    names = _names
+    for raw in lines:
+        colon = raw.find(b":")
+        if colon < 0:
+            return None
+        key = names.get(raw[:colon])
+        if key is None:
+            key = _key_of(raw[:colon])
+            if key is None:
+                return None
+        if key < 0:
+            continue
+        if key == _VIA:
+            if not vias:
+                slots[_VIA] = raw[colon + 1 :]
+            vias.append(raw)
+            copied.append(raw)
+            continue
+        if slots[key] is not None or key == _REQUIRE:
+            return None  # a second one (§7.3.1: the general path decides), or Require
+        slots[key] = raw[colon + 1 :]
+        if key < _MAX_FORWARDS:
+            if key == _TO:
+                to_index = len(copied)
+            copied.append(raw)
+    top_via, from_v, to_v, call_id, cseq, max_fwd, length, _ = slots
+    if top_via is None or from_v is None or to_v is None or call_id is None or cseq is None:
+        return None
+    if max_fwd is not None and max_fwd.strip(_LWS) not in _HOPS:
+        return None
+    if length is not None:
+        length = length.strip(_LWS)
+        if not length.isdigit() or len(length) > 5 or int(length) > len(data) - end - 4:
+            return None
+    call_id = call_id.strip(_LWS)
+    if not call_id or b" " in call_id or b"\t" in call_id:
+        return None
+    number, _, cseq_method = cseq.strip(_LWS).partition(b" ")
+    method = start.group(1)
+    if (
+        cseq_method != method
+        or not number.isdigit()
+        or len(number) > 10
+        or int(number) >= _CSEQ_LIMIT
+    ):
+        return None
+    # the top Via: one value, the everyday form, an RFC 3261 branch
+    top_via = top_via.strip(_LWS)
+    if b"," in top_via:
+        return None
+    via = _VIA_RE.match(top_via)
+    if via is None:
+        return None
+    _, host, port, paramtext = via.groups()
+    if port and not 0 < int(port) < 65536:
+        return None
+    branch = rport = None
+    received = False
+    if paramtext:
+        for item in paramtext[1:].split(b";"):
+            pname, eq, pvalue = item.partition(b"=")
+            pname = pname.lower()
+            if pname == b"branch":
+                if branch is None:
+                    branch = pvalue if eq else b""
+            elif pname == b"rport":
+                if rport is None:
+                    rport = pvalue if eq else b""
+            elif pname == b"received":
+                received = True
+            elif pname == b"maddr":
+                return None
+    if branch is None or not branch.startswith(b"z9hG4bK"):
+        return None
+    # From and To: everyday name-addrs with simple SIP URIs, To without a tag
+    addr = _NAME_ADDR_RE.match(from_v.strip(_LWS))
+    if addr is None or addr.group(3) is None:
+        return None
+    to_v = to_v.strip(_LWS)
+    if to_v not in _plain_to:
+        addr = _NAME_ADDR_RE.match(to_v)
+        if addr is None or addr.group(3) is None:
+            return None
+        if addr.group(5):
+            if _has_tag(addr.group(5)):
+                return None
+        elif len(_plain_to) < _NAMES_MAX:
+            _plain_to.add(to_v)
+    host_text = host.decode()
+    return Scanned(
+        method.decode(),
+        start.group(2),
+        branch.decode("latin-1"),
+        host_text.lower() if port is None else "%s:%d" % (host_text.lower(), int(port)),
+        host_text,
+        int(port) if port else None,
+        None if rport is None else rport.decode("latin-1"),
+        received,
+        vias,
+        copied,
+        to_index,
+    )
+
+
+def _has_tag(paramtext: bytes) -> bool:
+    return any(p.partition(b"=")[0].lower() == b"tag" for p in paramtext[1:].split(b";"))
+
+
+def build_final(
+    scanned: Scanned,
+    status_line: bytes,
+    extra: bytes,
+    to_tag: str,
+    source_host: str,
+    source_port: int,
+) -> bytes:
+    """The final response to ``scanned`` (RFC 3261 §8.2.6): the status line,
+    the Via lines (the top one with ``received`` and ``rport`` filled in,
+    §18.2.1, RFC 3581 §4), From, To with ``to_tag``, Call-ID and CSeq as
+    they came, ``extra`` (whole lines, each ending in CRLF) and
+    ``Content-Length: 0``.
+
+    The line order is ``make_response``'s: the Via lines in place when none
+    changes, else first.
+    """
+    copied = list(scanned.copied)
+    i = scanned.to_index
+    copied[i] = copied[i] + b";tag=" + to_tag.encode()
+    rport = scanned.rport
+    if rport != "" and scanned.via_host.strip("[]") == source_host:
+        lines = copied
+    else:
+        vias = list(scanned.vias)
+        top = vias[0]
+        name, _, value = top.partition(b":")
+        value = value.strip(b" \t")
+        if rport == "":
+            value = _fill_rport(value, source_port)
+        if not scanned.received:
+            value += b";received=" + source_host.encode()
+        vias[0] = name + b": " + value
+        lines = vias + [line for line in copied if line not in scanned.vias]
+    return b"%s%s\r\n%sContent-Length: 0\r\n\r\n" % (status_line, b"\r\n".join(lines), extra)
+
+
+def _fill_rport(value: bytes, port: int) -> bytes:
+    head, sep, params = value.partition(b";")
+    out = [b"rport=%d" % port if p.strip().lower() == b"rport" else p for p in params.split(b";")]
+    return head + sep + b";".join(out)
