@@ -44,6 +44,7 @@ only when the plan would be empty.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import time
 from collections import Counter, OrderedDict
@@ -56,6 +57,7 @@ import dns.exception
 import dns.message
 import dns.name
 import dns.nameserver
+import dns.rdata
 import dns.rdataset
 import dns.rdatatype
 import dns.resolver
@@ -113,12 +115,52 @@ def normalise(name: str) -> str:
     return name.strip().rstrip(".").lower()
 
 
+@functools.lru_cache(maxsize=4096)
 def is_address(host: str) -> bool:
+    """An IPv4 or IPv6 literal (brackets allowed)?  Remembered per text: a
+    pool's name is asked about on every call, and the answer for a name
+    costs an exception."""
     try:
         ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False
     return True
+
+
+#: ``id(rdata) -> (rdata, text)``: the text of a record, made once.  The
+#: rdata is kept in the value, so the id cannot be reused while it is here.
+_texts: dict[int, tuple[object, str]] = {}
+_TEXTS_MAX = 4096
+
+
+def target_host(rdata: SRV) -> str | None:
+    """The host an SRV record names, lower case without the final dot, or
+    None for "." (RFC 2782: the service is decidedly not available).
+
+    dnspython's ``Name.to_text()`` and comparisons cost microseconds, and
+    every proxied call orders the same few records."""
+    hit = _texts.get(id(rdata))
+    if hit is not None and hit[0] is rdata:
+        return hit[1] or None
+    host = "" if rdata.target == dns.name.root else normalise(rdata.target.to_text())
+    _remember_text(rdata, host)
+    return host or None
+
+
+def address_text(rdata: dns.rdata.Rdata) -> str:
+    """An A or AAAA record's address as text, made once per record."""
+    hit = _texts.get(id(rdata))
+    if hit is not None and hit[0] is rdata:
+        return hit[1]
+    text = rdata.to_text()
+    _remember_text(rdata, text)
+    return text
+
+
+def _remember_text(rdata: object, text: str) -> None:
+    if len(_texts) >= _TEXTS_MAX:
+        _texts.clear()
+    _texts[id(rdata)] = (rdata, text)
 
 
 def transports_for(transport: str | None) -> tuple[str, ...]:
@@ -153,9 +195,10 @@ def order_hops(
             continue
         for rdata in rdataset.processing_order():
             assert isinstance(rdata, SRV)
-            if rdata.target == dns.name.root:
+            host = target_host(rdata)
+            if host is None:
                 continue
-            hop = Hop(normalise(rdata.target.to_text()), rdata.port, transport)
+            hop = Hop(host, rdata.port, transport)
             if hop not in seen:
                 seen.add(hop)
                 hops.append(hop)
@@ -168,8 +211,9 @@ def srv_hosts(srv: Mapping[str, dns.rdataset.Rdataset | None]) -> list[str]:
     for rdataset in srv.values():
         for rdata in rdataset or ():
             assert isinstance(rdata, SRV)
-            if rdata.target != dns.name.root:
-                hosts[normalise(rdata.target.to_text())] = None
+            host = target_host(rdata)
+            if host is not None:
+                hosts[host] = None
     return list(hosts)
 
 
@@ -456,7 +500,7 @@ class Resolver:
                     if lookup is None:
                         return None
                     if lookup.rdataset:
-                        found += [r.to_text() for r in lookup.rdataset]
+                        found += [address_text(r) for r in lookup.rdataset]
                 addresses[host] = found
         return self._order(name, srv, addresses, port, transport) or None
 
