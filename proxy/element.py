@@ -557,12 +557,17 @@ class Element:
         The server transaction is the general path's own, so a
         retransmission, the ACK and a CANCEL find it whichever path made it.
         """
+        if self.draining:
+            return None
+        # the Request-URI first: in proxy mode nothing here is redirected,
+        # and the scan would be wasted (the URI is checked again by scan)
+        start = data.find(b" ") + 1
+        contact = self._redirect_of(data[start : data.find(b" ", start, 1024)])
+        if contact is None:
+            return None
         cfg = self.config
         scanned = scan(data, cfg.max_message_size, cfg.max_headers)
-        if scanned is None or self.draining:
-            return None
-        contact = self._redirect_of(scanned.uri)
-        if contact is None:
+        if scanned is None:
             return None
         key = (scanned.branch, scanned.sent_by, scanned.method)
         if key in self.transactions or key in self._by_server:
