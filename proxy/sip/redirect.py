@@ -103,7 +103,7 @@ _NAME_ADDR_RE = re.compile(_NAME_ADDR_FAST.pattern.encode())
 
 
 class Scanned(NamedTuple):
-    """What a 302 or 404 needs of an everyday request."""
+    """What the 302 to an everyday request needs of it."""
 
     method: str
     uri: bytes
