@@ -276,6 +276,8 @@ _BLANK = b"\r\n\t "
 
 #: The first Via of a datagram: sent-by and an RFC 3261 branch (§8.1.1.7).
 _STATUS_302 = b"SIP/2.0 302 Moved Temporarily\r\n"
+#: How the requests ``proxy.sip.redirect`` reads begin (INVITE, SUBSCRIBE).
+_FAST_METHODS = frozenset((b"INVI", b"SUBS"))
 _ACK_VIA = re.compile(
     rb"\r\n(?:Via|v)[ \t]*:[ \t]*SIP/2\.0/[A-Za-z]+[ \t]+([^;, \t\r\n]+)"
     rb"(?:;(?!branch=)[^;,\r\n]*)*;branch=(z9hG4bK[^;, \t\r\n]+)[^,\r\n]*\r\n",
@@ -462,7 +464,7 @@ class Element:
             txn = self._ack_transaction(data)
             if txn is not None:
                 return self._run(txn, ACK_RECEIVED, now)  # type: ignore[return-value]
-        elif self.config.fast_redirect and data[:1] in b"IS":
+        elif self.config.fast_redirect and data[:4] in _FAST_METHODS:
             out = self._fast_redirect(data, peer, now)
             if out is not None:
                 return out
