@@ -274,10 +274,10 @@ class Context:
 #: What a keep-alive datagram is made of (RFC 5626 §3.5.1).
 _BLANK = b"\r\n\t "
 
-#: The first Via of a datagram: sent-by and an RFC 3261 branch (§8.1.1.7).
 _STATUS_302 = b"SIP/2.0 302 Moved Temporarily\r\n"
 #: How the requests ``proxy.sip.redirect`` reads begin (INVITE, SUBSCRIBE).
 _FAST_METHODS = frozenset((b"INVI", b"SUBS"))
+#: The first Via of a datagram: sent-by and an RFC 3261 branch (§8.1.1.7).
 _ACK_VIA = re.compile(
     rb"\r\n(?:Via|v)[ \t]*:[ \t]*SIP/2\.0/[A-Za-z]+[ \t]+([^;, \t\r\n]+)"
     rb"(?:;(?!branch=)[^;,\r\n]*)*;branch=(z9hG4bK[^;, \t\r\n]+)[^,\r\n]*\r\n",
@@ -612,7 +612,8 @@ class Element:
             return None
         found = None
         if isinstance(decision, routing.Redirect):
-            found = (b"Contact: %s\r\n" % decision.contact.encode(), decision.endpoint.sip_address)
+            contact = decision.contact.encode("latin-1")
+            found = (b"Contact: %s\r\n" % contact, decision.endpoint.sip_address)
         if len(self._redirects) >= 1024:
             self._redirects.clear()
         self._redirects[uri] = found

@@ -27,10 +27,13 @@ from proxy.resolve import (
     ResolveError,
     Resolver,
     Target,
+    address_text,
     demote_failed,
+    is_address,
     order_hops,
     order_targets,
     srv_name,
+    target_host,
     transports_for,
 )
 from proxy.sip.errors import SipError
@@ -463,3 +466,20 @@ async def test_each_query_sent_is_counted_by_outcome_and_timed() -> None:
     assert r.outcomes == {"answer": 1, "nodata": 1, "nxdomain": 2, "timeout": 2}
     assert sorted(o for o, _ in timed) == sorted(r.outcomes.elements())
     assert all(seconds == 0.0 for _, seconds in timed)  # the fake clock did not move
+
+
+def test_record_texts_are_made_once_and_stay_right() -> None:
+    """The texts remembered per record (``target_host``, ``address_text``)
+    equal dnspython's, and a "." target stays "not available" (RFC 2782)."""
+    records = srv("10 60 5041 FE1.Contoso.com.", "0 0 0 .")
+    first, root = sorted(records, key=lambda r: r.priority, reverse=True)
+    for _ in range(2):
+        assert target_host(first) == "fe1.contoso.com"
+        assert target_host(root) is None
+    a = dns.rdataset.from_text("IN", "A", 300, "192.0.2.31", "192.0.2.32")
+    assert [address_text(r) for r in a] * 2 == [r.to_text() for r in a] * 2
+    assert [is_address(h) for h in ("192.0.2.1", "[2001:db8::1]", "pool.contoso.com")] == [
+        True,
+        True,
+        False,
+    ]
