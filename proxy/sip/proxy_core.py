@@ -39,7 +39,6 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Callable, Collection
-from dataclasses import replace
 
 from proxy.sip.errors import SipError, UriError
 from proxy.sip.headers import (
@@ -193,6 +192,10 @@ def _loop_part_of(branch: str | None) -> str | None:
 
 
 # §16.6 step 8, §16.11 --------------------------------------------------------
+#: The header fields §16.6 step 8 hashes besides the dialog and Via ones.
+_LOOP_FIELDS = ("route", "proxy-require", "proxy-authorization")
+
+
 def loop_part(req: Request, secret: bytes, *, below: str | None = None) -> str:
     """The loop-detection part of a branch (RFC 3261 §16.6 step 8).
 
@@ -205,8 +208,10 @@ def loop_part(req: Request, secret: bytes, *, below: str | None = None) -> str:
     Proxy-Require and Proxy-Authorization value.  The key keeps anybody
     else from forging a value that makes us answer 482.
     """
-    top = below if below is not None else req.get_all("via")[0]
-    via = Via.parse(top)
+    if below is not None:
+        via = Via.parse(below)
+    else:
+        via = req.via or Via.parse(req.get_all("via")[0])
     to_tag = req.to_addr.tag if req.to_addr is not None else None
     from_tag = req.from_addr.tag if req.from_addr is not None else None
     fields = [
@@ -216,9 +221,7 @@ def loop_part(req: Request, secret: bytes, *, below: str | None = None) -> str:
         str(req.cseq.number) if req.cseq is not None else "",
         req.uri,
         "%s %s;branch=%s" % (via.transport, via.sent_by.lower(), via.branch or ""),
-        "\x00".join(req.get_all("route")),
-        "\x00".join(req.get_all("proxy-require")),
-        "\x00".join(req.get_all("proxy-authorization")),
+        *("\x00".join(req.get_all(k)) if k in req.keys else "" for k in _LOOP_FIELDS),
     ]
     digest = hmac.new(secret, "\x01".join(fields).encode("latin-1"), hashlib.sha256)
     return digest.hexdigest()[:LOOP_PART_LENGTH]
@@ -297,7 +300,7 @@ def preprocess_route(req: Request, is_mine: Callable[[str], bool]) -> Request:
                 del lines[first], keys[first]
             else:
                 lines[first] = _drop_first_value(lines[first])
-    return replace(req, lines=lines, keys=keys, uri=uri)
+    return req.derive(lines, keys, uri, via=req.via, max_forwards=req.max_forwards)
 
 
 # §16.6 -----------------------------------------------------------------------
@@ -392,16 +395,8 @@ def forward(
         lines.append("Content-Length: %d" % len(req.body))
         keys.append("content-length")
 
-    return replace(
-        req,
-        lines=lines,
-        keys=keys,
-        uri=uri,
-        via=None,
-        max_forwards=(req.max_forwards - 1)
-        if req.max_forwards is not None
-        else DEFAULT_MAX_FORWARDS,
-    )
+    hops = req.max_forwards - 1 if req.max_forwards is not None else DEFAULT_MAX_FORWARDS
+    return req.derive(lines, keys, uri, max_forwards=hops)
 
 
 def _is_loose(uri: str) -> bool:
