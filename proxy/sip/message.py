@@ -161,7 +161,6 @@ class Request(_Base):
     def __bytes__(self) -> bytes:
         return self._serialise("%s %s %s" % (self.method, self.uri, self.version))
 
-
     def derive(
         self,
         lines: list[str],
