@@ -274,11 +274,12 @@ _NAME_ADDR_FAST = re.compile(
 )
 
 
-#: Parsed values that recur across calls, keyed by the value as written: a
-#: name-addr without parameters (the To of every request for the chat URI,
-#: before a dialog gives it a tag) and CSeq.  Bounded like ``uri._uri_cache``.
+#: Parsed values that recur, keyed by the value as written: name-addrs (the
+#: To of every request for the chat URI; the From and To of every message of
+#: a dialog, which a proxy reads again for each request and response) and
+#: CSeq.  Bounded: emptied when full.  Parsed values are never changed.
 _recurring: dict[str, NameAddr | CSeq] = {}
-_RECURRING_MAX = 1024
+_RECURRING_MAX = 8192
 
 
 def _remember(value: str, parsed: NameAddr | CSeq) -> None:
@@ -313,8 +314,7 @@ class NameAddr(NamedTuple):
                 params.append((name.lower(), pvalue if eq else None))
             display = '"%s"' % quoted if quoted is not None else (tokens or None)
             addr = cls(display, uri, params, True)
-            if not params:
-                _remember(value, addr)
+            _remember(value, addr)
             return addr
         return cls._parse_general(value)
 
