@@ -394,3 +394,36 @@ def test_the_torture_corpus_gets_the_same_answers(rfc: str, name: str, entry: ob
     else:
         pair = twins(REDIRECTED, own)
     exchange(pair, data, UDP_PEER)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    data=st.one_of(
+        st.binary(max_size=600),
+        st.builds(
+            lambda cut, junk: SIPP_INVITE[:cut] + junk + SIPP_INVITE[cut:],
+            st.integers(0, len(SIPP_INVITE)),
+            st.binary(max_size=8),
+        ),
+    )
+)
+def test_scan_never_raises(data: bytes) -> None:
+    """Any bytes, and the everyday INVITE with any bytes put anywhere in it:
+    ``scan`` reads them or says None, it never raises (the fuzz contract)."""
+    scanned = scan(data, 65535, 128)
+    if scanned is not None:
+        assert scanned.method in ("INVITE", "SUBSCRIBE")
+        assert scanned.branch.startswith("z9hG4bK")
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    cut=st.integers(0, len(SIPP_INVITE)),
+    junk=st.binary(max_size=6),
+    drop=st.integers(0, 3),
+)
+def test_a_damaged_everyday_request_gets_the_same_answer(cut: int, junk: bytes, drop: int) -> None:
+    """The everyday INVITE with bytes put in (and a few taken out) anywhere:
+    both paths answer alike, whether the fast path reads it or not."""
+    data = SIPP_INVITE[:cut] + junk + SIPP_INVITE[cut + drop :]
+    exchange(twins(), data, UDP_PEER)
