@@ -282,7 +282,14 @@ _recurring: dict[str, NameAddr | CSeq] = {}
 _RECURRING_MAX = 8192
 
 
+#: Longer values are not remembered: the cache stays small (8192 values of
+#: at most this many characters) whatever a peer sends.
+_RECURRING_LONGEST = 256
+
+
 def _remember(value: str, parsed: NameAddr | CSeq) -> None:
+    if len(value) > _RECURRING_LONGEST:
+        return
     if len(_recurring) >= _RECURRING_MAX:
         _recurring.clear()
     _recurring[value] = parsed

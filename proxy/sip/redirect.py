@@ -74,6 +74,9 @@ _names: dict[bytes, int] = {
     b"CSeq": _CSEQ,
 }
 _NAMES_MAX = 4096
+#: Longer names and To values are read but not remembered, so the caches
+#: stay small whatever a peer sends.
+_LONGEST = 256
 #: To values already found to be everyday name-addrs without a tag: the To
 #: of every request for the chat URI is the same.
 _plain_to: set[bytes] = set()
@@ -90,7 +93,7 @@ def _key_of(name: bytes) -> int | None:
     if not _TOKEN.match(stripped):
         return None
     key = _KEYS.get(stripped.lower(), _OTHER)
-    if len(_names) < _NAMES_MAX:
+    if len(_names) < _NAMES_MAX and len(name) <= _LONGEST:
         _names[name] = key
     return key
 
@@ -238,7 +241,7 @@ def scan(data: bytes, max_size: int, max_headers: int) -> Scanned | None:
         if addr.group(5):
             if _has_tag(addr.group(5)):
                 return None
-        elif len(_plain_to) < _NAMES_MAX:
+        elif len(_plain_to) < _NAMES_MAX and len(to_v) <= _LONGEST:
             _plain_to.add(to_v)
     host_text = host.decode()
     return Scanned(

@@ -427,3 +427,20 @@ def test_a_damaged_everyday_request_gets_the_same_answer(cut: int, junk: bytes, 
     both paths answer alike, whether the fast path reads it or not."""
     data = SIPP_INVITE[:cut] + junk + SIPP_INVITE[cut + drop :]
     exchange(twins(), data, UDP_PEER)
+
+
+def test_the_caches_keep_no_long_values() -> None:
+    """What a peer sends cannot fill memory: header names, To values and
+    parsed name-addrs longer than 256 characters are read, not remembered."""
+    from proxy.sip import headers, redirect
+
+    long_name = b"X-" + b"a" * 300
+    long_to = '"%s" <sip:ocschat@contoso.com>' % ("b" * 300)
+    data = SIPP_INVITE.replace(
+        b"To: <sip:ocschat@contoso.com>", b"To: " + long_to.encode()
+    ).replace(b"Supported: ms-sender", long_name + b": 1")
+    assert scan(data, 65535, 128) is not None
+    assert long_name not in redirect._names
+    assert long_to.encode() not in redirect._plain_to
+    headers.NameAddr.parse(long_to)
+    assert long_to not in headers._recurring
