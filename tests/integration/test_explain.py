@@ -8,10 +8,7 @@ pool; one member, SIPp on 127.0.0.2, answers OPTIONS; nothing listens on
 from __future__ import annotations
 
 import json
-import re
-import socket
 import ssl
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +16,8 @@ from typing import Any
 
 import pytest
 import trustme
+
+from tests.tlspeer import answer_once_over_tls
 
 from .conftest import SippPeer, cli, free_port, start_sipp
 from .nsd import DnsServer, render_zone, start_nsd
@@ -204,38 +203,6 @@ def test_text_output_names_the_steps_and_the_health(pool: Pool, member: SippPeer
 TLS_POOL = "pool-tls.pcproxy.test"  # 127.0.0.1 in the static zone (dns/pcproxy.test.zone)
 
 
-def tls_member(context: ssl.SSLContext) -> tuple[socket.socket, threading.Thread]:
-    """A pool server over TLS on 127.0.0.1 that answers one OPTIONS with 200
-    when the handshake succeeds (mutual TLS: ``context`` demands a certificate)."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(10)
-
-    def serve() -> None:
-        try:
-            conn, _ = listener.accept()
-            with context.wrap_socket(conn, server_side=True) as tls:
-                tls.settimeout(5)
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    data += tls.recv(4096)
-                headers = [
-                    line
-                    for line in data.decode().split("\r\n")[1:]
-                    if re.match(r"(Via|From|To|Call-ID|CSeq):", line)
-                ]
-                tls.sendall(
-                    (
-                        "SIP/2.0 200 OK\r\n%s\r\nContent-Length: 0\r\n\r\n" % "\r\n".join(headers)
-                    ).encode()
-                )
-        except (OSError, ssl.SSLError):
-            pass
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    return listener, thread
-
-
 @pytest.mark.parametrize("pool_name", [TLS_POOL, "other.contoso.com"], ids=["right", "wrong"])
 def test_tls_target_is_probed_with_the_tls_client_context(tmp_path: Path, pool_name: str) -> None:
     ca = trustme.CA()
@@ -252,7 +219,7 @@ def test_tls_target_is_probed_with_the_tls_client_context(tmp_path: Path, pool_n
         "[tls]\ncertificate = '%s'\nprivate_key = '%s'\nca_bundle = '%s'\n"
         % (tmp_path / "pcproxy.crt", tmp_path / "pcproxy.key", tmp_path / "ca.pem")
     )
-    listener, thread = tls_member(server)
+    listener, thread = answer_once_over_tls(server, timeout=10)
     dns = start_nsd(tmp_path / "nsd")
     try:
         port = listener.getsockname()[1]

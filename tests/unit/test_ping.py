@@ -14,22 +14,11 @@ import trustme
 from click.testing import CliRunner, Result
 
 from proxy.cli import EXIT_BAD_INPUT, EXIT_REFUSED, main
+from tests.tlspeer import answer_once_over_tls, final_response
 
 
 def run(*args: str) -> Result:
     return CliRunner().invoke(main, list(args), prog_name="pcproxy")
-
-
-def answer(request: bytes, status: str = "200 OK") -> bytes:
-    """A final response to ``request`` (RFC 3261 §8.2.6: Via, From, To, Call-ID, CSeq)."""
-    headers = [
-        line
-        for line in request.decode().split("\r\n")[1:]
-        if re.match(r"(Via|From|To|Call-ID|CSeq):", line)
-    ]
-    return (
-        "SIP/2.0 %s\r\n%s\r\nContent-Length: 0\r\n\r\n" % (status, "\r\n".join(headers))
-    ).encode()
 
 
 @pytest.fixture
@@ -40,23 +29,7 @@ def tls_server(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     ca.issue_cert("127.0.0.1").configure_cert(context)
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(5)
-
-    def serve() -> None:
-        try:
-            conn, _ = listener.accept()
-            with context.wrap_socket(conn, server_side=True) as tls:
-                tls.settimeout(5)
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    data += tls.recv(4096)
-                tls.sendall(answer(data))
-        except (OSError, ssl.SSLError):
-            pass
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    listener, thread = answer_once_over_tls(context)
     yield listener.getsockname()[1], ca_file
     thread.join(5)
     listener.close()
@@ -102,7 +75,7 @@ def test_ping_udp_gets_the_status_of_the_answer() -> None:
 
         def reply() -> None:
             data, peer = server.recvfrom(65535)
-            server.sendto(answer(data, "503 Service Unavailable"), peer)
+            server.sendto(final_response(data, "503 Service Unavailable"), peer)
 
         thread = threading.Thread(target=reply, daemon=True)
         thread.start()
