@@ -82,6 +82,12 @@ class Daemon:
         with self.lock:
             return len(self.events)
 
+    def hup(self) -> int:
+        """Send SIGHUP (a reload); return the mark of the events before it."""
+        mark = self.mark()
+        os.kill(self.proc.pid, signal.SIGHUP)
+        return mark
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, sig)

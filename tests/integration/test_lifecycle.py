@@ -252,8 +252,7 @@ def test_sighup_reloads_the_certificate_and_keeps_established_connections(
         write_identity(pki.ca.issue_cert(NAME), cert, key)  # renewed on disk
         new = der(cert)
         assert new != old
-        mark = daemon.mark()
-        os.kill(daemon.proc.pid, signal.SIGHUP)
+        mark = daemon.hup()
         report = reloaded(daemon, mark)
         assert "tls" in report["applied"] and report["failed"] == {}
         assert report["restart_required"] == []
@@ -280,8 +279,7 @@ def test_a_bad_new_certificate_keeps_the_old_one_and_says_why(
     cert = pki.directory / "pcproxy.pem"
     old = der(cert)
     cert.write_text("-----BEGIN CERTIFICATE-----\ntruncated by a failed renewal\n")
-    mark = daemon.mark()
-    os.kill(daemon.proc.pid, signal.SIGHUP)
+    mark = daemon.hup()
     report = reloaded(daemon, mark)
     assert report["level"] == "warning"
     failed = report["failed"]
@@ -311,8 +309,7 @@ def test_sighup_applies_the_log_level_and_names_what_needs_a_restart(
         '[server]\nlisten = ["udp:127.0.0.1:%d", "tcp:127.0.0.1:%d"]\n'
         'mode = "redirect"\n[log]\nlevel = "warning"\n' % (port, port)
     )
-    mark = daemon.mark()
-    os.kill(daemon.proc.pid, signal.SIGHUP)
+    mark = daemon.hup()
     report = reloaded(daemon, mark)
     assert report["level"] == "warning"
     assert report["changed"] == ["server.listen", "server.mode", "log.level"]
@@ -322,8 +319,7 @@ def test_sighup_applies_the_log_level_and_names_what_needs_a_restart(
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
     # at warning level the info line of the next SIGHUP is gone, the warning stays
-    mark = daemon.mark()
-    os.kill(daemon.proc.pid, signal.SIGHUP)
+    mark = daemon.hup()
     report = reloaded(daemon, mark)
     assert report["restart_required"] == ["server.listen", "server.mode"]
     assert [e["event"] for e in daemon.events[mark:]] == ["reloaded"]
@@ -338,8 +334,7 @@ def test_an_invalid_file_on_sighup_keeps_everything_and_names_the_field(
     daemon = start(tmp_path, config, port=port)
     stopper.append(daemon)
     (tmp_path / "pcproxy.toml").write_text(config + "drain_timeout = -1\n")
-    mark = daemon.mark()
-    os.kill(daemon.proc.pid, signal.SIGHUP)
+    mark = daemon.hup()
     failed = daemon.wait_for("reload_failed", since=mark)
     assert "server.drain_timeout" in str(failed["error"])
     done = subprocess.run(
@@ -388,7 +383,7 @@ def test_sd_notify_messages_arrive_in_order(
     ready = notify.receive()
     assert ready["READY"] == "1"
     assert ready["STATUS"] == "serving 0 endpoints on udp:127.0.0.1:%d" % daemon.port
-    os.kill(daemon.proc.pid, signal.SIGHUP)
+    daemon.hup()
     reloading = notify.receive()
     assert reloading["RELOADING"] == "1"
     assert (
@@ -410,7 +405,7 @@ def test_with_workers_the_supervisor_alone_speaks_to_systemd(
     daemon = notify.start(tmp_path, workers=2)
     stopper.append(daemon)
     assert notify.receive() == {"READY": "1", "STATUS": "serving with 2 workers"}
-    os.kill(daemon.proc.pid, signal.SIGHUP)
+    daemon.hup()
     assert notify.receive()["RELOADING"] == "1"
     assert notify.receive()["READY"] == "1"
     daemon.stop(signal.SIGTERM)
