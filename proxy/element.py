@@ -29,7 +29,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from proxy import routing
 from proxy.resolve import Target, is_address
@@ -362,39 +362,34 @@ class TimerQueue:
 
     def next_deadline(self) -> float | None:
         self._earliest_new = None
-        best: float | None = None
-        for queue in self._queues.values():
-            if queue:
-                at = next(iter(queue.values()))
-                if best is None or at < best:
-                    best = at
-        for _, fixed in self._fixed.values():
-            if fixed:
-                at = next(iter(fixed.values()))
-                if best is None or at < best:
-                    best = at
-        return best
+        fronts = [next(iter(queue.values())) for queue in self._all_queues() if queue]
+        return min(fronts) if fronts else None
 
     def pop_due(self, now: float) -> list[tuple[object, str]]:
         due: list[tuple[float, tuple[object, str]]] = []
         for queue in self._queues.values():
-            while queue:
-                entry, at = next(iter(queue.items()))
-                if at > now:
-                    break
-                del queue[entry]
+            for at, entry in _drain(queue, now):
                 del self._armed[entry]
                 due.append((at, entry))
         for name, (_, fixed) in self._fixed.items():
-            while fixed:
-                owner, at = fixed.popitem(last=False)
-                if at > now:
-                    fixed[owner] = at
-                    fixed.move_to_end(owner, last=False)
-                    break
-                due.append((at, (owner, name)))
+            due += [(at, (owner, name)) for at, owner in _drain(fixed, now)]
         due.sort(key=itemgetter(0))
         return [entry for _, entry in due]
+
+    def _all_queues(self) -> list[OrderedDict[Any, float]]:
+        return [*self._queues.values(), *(queue for _, queue in self._fixed.values())]
+
+
+def _drain(queue: OrderedDict[Any, float], now: float) -> list[tuple[float, Any]]:
+    """Remove and return, in order, the entries of a FIFO due by ``now``."""
+    out: list[tuple[float, Any]] = []
+    while queue:
+        key, at = next(iter(queue.items()))
+        if at > now:
+            break
+        del queue[key]
+        out.append((at, key))
+    return out
 
 
 def fixed_delays(config: ElementConfig) -> dict[str, float]:
@@ -574,11 +569,7 @@ class Element:
         key = (scanned.branch, scanned.sent_by, scanned.method)
         if key in self.transactions or key in self._by_server:
             return None  # a retransmission: the general path answers it
-        rport = scanned.rport
-        if peer.reliable or peer.port == (scanned.via_port or 5060) or rport is not None:
-            dest = peer  # §18.2.2, RFC 3581 §4
-        else:
-            dest = Peer("udp", peer.host, scanned.via_port or 5060, peer.listener)
+        dest = sender_peer(scanned.via_port, scanned.rport is not None, peer)  # no maddr here
         method = scanned.method
         tag = self._new_tag()
         txn_cls = InviteServerTransaction if method == "INVITE" else NonInviteServerTransaction
@@ -1451,9 +1442,16 @@ def response_peer(via: Via, peer: Peer) -> Peer:
     maddr = param_value(params, "maddr")
     if maddr:
         return Peer("udp", maddr.strip("[]"), via.port or 5060, peer.listener)
-    port = via.port or 5060
-    if port == peer.port or param_value(params, "rport") is not None:
-        return peer  # the source address itself
+    return sender_peer(via.port, param_value(params, "rport") is not None, peer)
+
+
+def sender_peer(via_port: int | None, rport: bool, peer: Peer) -> Peer:
+    """Where a response over UDP goes when the top Via has no maddr: the
+    source address itself when the Via asks for rport (RFC 3581 §4) or names
+    the source port, else the source host at the Via's port (§18.2.2)."""
+    port = via_port or 5060
+    if peer.reliable or port == peer.port or rport:
+        return peer
     return Peer("udp", peer.host, port, peer.listener)
 
 
