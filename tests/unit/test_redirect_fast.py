@@ -444,3 +444,32 @@ def test_the_caches_keep_no_long_values() -> None:
     assert long_to.encode() not in redirect._plain_to
     headers.NameAddr.parse(long_to)
     assert long_to not in headers._recurring
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (SIPP_INVITE.replace(b"127.0.0.1:5061;", b"127.0.0.1:99999;", 1), "Via port out of range"),
+        (
+            SIPP_INVITE.replace(b"Content-Length: 4", b"Content-Length: 70004") + b"x" * 70000,
+            "larger than max_message_size",
+        ),
+    ],
+)
+def test_out_of_range_and_oversized_requests_are_left_to_the_general_path(
+    data: bytes, why: str
+) -> None:
+    assert scan(data, 65535, 128) is None, why
+    exchange(twins(), data, UDP_PEER)
+
+
+def test_the_contact_cache_is_bounded_and_stays_right() -> None:
+    """Many distinct Request-URIs (most not in the table) empty the cache of
+    Contacts when it is full; the chat URI is still redirected after."""
+    element = make_element()
+    for n in range(1100):
+        other = SIPP_INVITE.replace(b"INVITE sip:ocschat@", b"INVITE sip:u%d@" % n, 1)
+        element.receive(other.replace(b"z9hG4bK-7", b"z9hG4bK-u%d" % n), UDP_PEER, 1.0)
+    assert len(element._redirects) <= 1024
+    (send,) = element.receive(SIPP_INVITE, UDP_PEER, 1.0)
+    assert isinstance(send, Send) and status_of(send.data) == 302
