@@ -69,6 +69,7 @@ from proxy.sip.proxy_core import (
     validate_request,
 )
 from proxy.sip.redirect import build_final, scan
+from proxy.sip.relay import ScannedResponse, scan_response, strip_top_via
 from proxy.sip.route_token import TOWARD_CLIENT, RouteTokens
 from proxy.sip.transaction import (
     ACK_RECEIVED,
@@ -135,6 +136,9 @@ class ElementConfig:
     #: Answer everyday INVITEs and SUBSCRIBEs for redirect endpoints through
     #: ``proxy.sip.redirect`` (same bytes, a fraction of the work).
     fast_redirect: bool = True
+    #: Pass everyday responses of proxied requests on through
+    #: ``proxy.sip.relay`` (same bytes, without the general parser).
+    fast_relay: bool = True
 
 
 class Listener(NamedTuple):
@@ -463,6 +467,11 @@ class Element:
             out = self._fast_redirect(data, peer, now)
             if out is not None:
                 return out
+        elif data[:8] == b"SIP/2.0 " and self.config.fast_relay:
+            cfg = self.config
+            scanned = scan_response(data, cfg.max_message_size, cfg.max_headers)
+            if scanned is not None:
+                return self._receive_response(scanned, data, now)
         elif data[:1] in _BLANK and not data.strip(_BLANK):
             return []  # keep-alive on a datagram transport (RFC 5626 §3.5.1)
         try:
@@ -1085,7 +1094,7 @@ class Element:
         ctx: Context | None,
         actions: Sequence[object],
         now: float,
-        msg: Response | None = None,
+        msg: Response | ScannedResponse | None = None,
     ) -> list[Output]:
         out: list[Output] = []
         for action in actions:
@@ -1115,15 +1124,23 @@ class Element:
         for name in CLIENT_TIMERS:
             self.timers.cancel(key, name)
 
-    def _receive_response(self, msg: Response, data: bytes, now: float) -> list[Output]:
+    def _receive_response(
+        self, msg: Response | ScannedResponse, data: bytes, now: float
+    ) -> list[Output]:
         """§16.7 step 1: find the client transaction; a 2xx retransmission of
-        an answered INVITE is forwarded on statelessly (§16.7 step 5)."""
-        key = response_key(msg)
+        an answered INVITE is forwarded on statelessly (§16.7 step 5).
+
+        ``msg`` is parsed by the general parser, or read by the fast path
+        (``proxy.sip.relay``), which gives the same key and bytes."""
+        if isinstance(msg, ScannedResponse):
+            key: tuple[str, str] | None = client_key(msg.branch, msg.method)
+        else:
+            key = response_key(msg)
         entry = self.clients.get(key) if key is not None else None
         if entry is None:
             ctx = self._accepted.get(key) if key is not None else None
             if ctx is not None and 200 <= msg.status < 300:
-                fwd = strip_own_via(msg, data, ctx.client_key[0])
+                fwd = _without_own_via(msg, data, ctx.client_key[0])
                 if fwd is not None:
                     return [Send(fwd, ctx.dest)]
             self.counters["responses_absorbed"] += 1
@@ -1137,7 +1154,12 @@ class Element:
         return self._run_client(key, client, ctx, actions, now, msg)
 
     def _on_branch_response(
-        self, ctx: Context, client: ClientTransaction, msg: Response, data: bytes, now: float
+        self,
+        ctx: Context,
+        client: ClientTransaction,
+        msg: Response | ScannedResponse,
+        data: bytes,
+        now: float,
     ) -> list[Output]:
         """§16.7 steps 2-10 for one response of a branch."""
         status = msg.status
@@ -1157,11 +1179,11 @@ class Element:
                 return out  # §16.7 step 5: a 100 is not forwarded
             if ctx.method == "INVITE":
                 self.timers.arm(ctx, "C", self.config.timer_c, now)
-            fwd = strip_own_via(msg, data, ctx.client_key[0])
+            fwd = _without_own_via(msg, data, ctx.client_key[0])
             if fwd is not None:
                 out += self._to_server(ctx, status, fwd, now)
             return out
-        fwd = strip_own_via(msg, data, client_key_branch(client, ctx))
+        fwd = _without_own_via(msg, data, client_key_branch(client, ctx))
         if status < 300:
             if fwd is None:
                 return out
@@ -1453,6 +1475,13 @@ def sender_peer(via_port: int | None, rport: bool, peer: Peer) -> Peer:
     if peer.reliable or port == peer.port or rport:
         return peer
     return Peer("udp", peer.host, port, peer.listener)
+
+
+def _without_own_via(msg: Response | ScannedResponse, data: bytes, branch: str) -> bytes | None:
+    """The response to pass on without this proxy's Via (§16.7 step 9)."""
+    if isinstance(msg, ScannedResponse):
+        return strip_top_via(msg, data, branch)
+    return strip_own_via(msg, data, branch)
 
 
 def client_key_branch(client: ClientTransaction, ctx: Context) -> str:

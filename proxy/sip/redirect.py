@@ -41,68 +41,31 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-from proxy.sip.headers import _NAME_ADDR_FAST, _VIA_FAST
+from proxy.sip.scan import (
+    LONGEST,
+    LWS,
+    MAX_FORWARDS,
+    NAME_ADDR_RE,
+    NAMES_MAX,
+    REQUIRE,
+    TO,
+    VIA,
+    VIA_RE,
+    call_id_ok,
+    cseq_of,
+    everyday_name_addr,
+    header_lines,
+    length_ok,
+    slot_of,
+)
 
 #: RFC 3261 §7.1, the two methods a legacy client sends to the chat URI.
 _REQUEST_LINE = re.compile(rb"(INVITE|SUBSCRIBE) (sip:[^ \r\n]+) SIP/2\.0\r\n")
-_TOKEN = re.compile(rb"[A-Za-z0-9\-.!%*_+`'~]+\Z")
-#: Slots of the header fields the fast path reads; Via is 0, the ones the
-#: response copies come first.
-_VIA, _FROM, _TO, _CALL_ID, _CSEQ, _MAX_FORWARDS, _LENGTH, _REQUIRE = range(8)
-_OTHER = -1
-_KEYS = {
-    b"via": _VIA,
-    b"v": _VIA,
-    b"from": _FROM,
-    b"f": _FROM,
-    b"to": _TO,
-    b"t": _TO,
-    b"call-id": _CALL_ID,
-    b"i": _CALL_ID,
-    b"cseq": _CSEQ,
-    b"max-forwards": _MAX_FORWARDS,
-    b"content-length": _LENGTH,
-    b"l": _LENGTH,
-    b"require": _REQUIRE,
-}
-#: Header names as written -> their slot, or ``_OTHER`` for any other valid
-#: name; filled as names are met (bounded).
-_names: dict[bytes, int] = {
-    **_KEYS,
-    **{k.title(): v for k, v in _KEYS.items()},
-    b"Call-ID": _CALL_ID,
-    b"CSeq": _CSEQ,
-}
-_NAMES_MAX = 4096
-#: Longer names and To values are read but not remembered, so the caches
-#: stay small whatever a peer sends.
-_LONGEST = 256
 #: To values already found to be everyday name-addrs without a tag: the To
 #: of every request for the chat URI is the same.
 _plain_to: set[bytes] = set()
 #: Max-Forwards values above 0, as written (§8.1.1.6: 70 is the default).
 _HOPS = frozenset(str(n).encode() for n in range(1, 256))
-_CSEQ_LIMIT = 2**31
-_LWS = b" \t"
-
-
-def _key_of(name: bytes) -> int | None:
-    """The slot of a header name as written, ``_OTHER`` for another valid
-    name, None for an invalid one (folding, a bad character)."""
-    stripped = name.rstrip(_LWS)
-    if not _TOKEN.match(stripped):
-        return None
-    key = _KEYS.get(stripped.lower(), _OTHER)
-    if len(_names) < _NAMES_MAX and len(name) <= _LONGEST:
-        _names[name] = key
-    return key
-
-
-#: The everyday Via and name-addr of ``proxy.sip.headers``, over bytes: the
-#: same patterns (ASCII classes only), so whatever these match the general
-#: parser reads the same way.
-_VIA_RE = re.compile(_VIA_FAST.pattern.encode())
-_NAME_ADDR_RE = re.compile(_NAME_ADDR_FAST.pattern.encode())
 
 
 class Scanned(NamedTuple):
@@ -137,75 +100,54 @@ def scan(data: bytes, max_size: int, max_headers: int) -> Scanned | None:
     start = _REQUEST_LINE.match(data)
     if start is None:
         return None
-    head = start.end()
-    end = data.find(b"\r\n\r\n", head - 2)
-    if end < head:
+    split = header_lines(data, start.end(), max_headers)
+    if split is None:
         return None
-    lines = data[head:end].split(b"\r\n")
-    n = len(lines)
-    if (
-        n > max_headers
-        or end - head > 8192
-        # a CR or LF that is not a line end (§7.3.1)
-        or data.count(b"\n", head, end) != n - 1
-        or data.count(b"\r", head, end) != n - 1
-    ):
-        return None
+    lines, end = split
     vias: list[bytes] = []
     copied: list[bytes] = []
     slots: list[bytes | None] = [None, None, None, None, None, None, None, None]
     to_index = -1
-    names = _names
     for raw in lines:
         colon = raw.find(b":")
         if colon < 0:
             return None
-        key = names.get(raw[:colon])
+        key = slot_of(raw[:colon])
         if key is None:
-            key = _key_of(raw[:colon])
-            if key is None:
-                return None
+            return None
         if key < 0:
             continue
-        if key == _VIA:
+        if key == VIA:
             if not vias:
-                slots[_VIA] = raw[colon + 1 :]
+                slots[VIA] = raw[colon + 1 :]
             vias.append(raw)
             copied.append(raw)
             continue
-        if slots[key] is not None or key == _REQUIRE:
+        if slots[key] is not None or key == REQUIRE:
             return None  # a second one (§7.3.1: the general path decides), or Require
         slots[key] = raw[colon + 1 :]
-        if key < _MAX_FORWARDS:
-            if key == _TO:
+        if key < MAX_FORWARDS:
+            if key == TO:
                 to_index = len(copied)
             copied.append(raw)
     top_via, from_v, to_v, call_id, cseq, max_fwd, length, _ = slots
     if top_via is None or from_v is None or to_v is None or call_id is None or cseq is None:
         return None
-    if max_fwd is not None and max_fwd.strip(_LWS) not in _HOPS:
+    if max_fwd is not None and max_fwd.strip(LWS) not in _HOPS:
         return None
-    if length is not None:
-        length = length.strip(_LWS)
-        if not length.isdigit() or len(length) > 5 or int(length) > len(data) - end - 4:
-            return None
-    call_id = call_id.strip(_LWS)
-    if not call_id or b" " in call_id or b"\t" in call_id:
+    if length is not None and not length_ok(length, len(data) - end - 4, exact=False):
         return None
-    number, _, cseq_method = cseq.strip(_LWS).partition(b" ")
+    if not call_id_ok(call_id):
+        return None
     method = start.group(1)
-    if (
-        cseq_method != method
-        or not number.isdigit()
-        or len(number) > 10
-        or int(number) >= _CSEQ_LIMIT
-    ):
+    number_method = cseq_of(cseq)
+    if number_method is None or number_method[1] != method:
         return None
     # the top Via: one value, the everyday form, an RFC 3261 branch
-    top_via = top_via.strip(_LWS)
+    top_via = top_via.strip(LWS)
     if b"," in top_via:
         return None
-    via = _VIA_RE.match(top_via)
+    via = VIA_RE.match(top_via)
     if via is None:
         return None
     _, host, port, paramtext = via.groups()
@@ -230,18 +172,17 @@ def scan(data: bytes, max_size: int, max_headers: int) -> Scanned | None:
     if branch is None or not branch.startswith(b"z9hG4bK"):
         return None
     # From and To: everyday name-addrs with simple SIP URIs, To without a tag
-    addr = _NAME_ADDR_RE.match(from_v.strip(_LWS))
-    if addr is None or addr.group(3) is None:
+    if not everyday_name_addr(from_v.strip(LWS)):
         return None
-    to_v = to_v.strip(_LWS)
+    to_v = to_v.strip(LWS)
     if to_v not in _plain_to:
-        addr = _NAME_ADDR_RE.match(to_v)
+        addr = NAME_ADDR_RE.match(to_v)
         if addr is None or addr.group(3) is None:
             return None
         if addr.group(5):
             if _has_tag(addr.group(5)):
                 return None
-        elif len(_plain_to) < _NAMES_MAX and len(to_v) <= _LONGEST:
+        elif len(_plain_to) < NAMES_MAX and len(to_v) <= LONGEST:
             _plain_to.add(to_v)
     host_text = host.decode()
     return Scanned(

@@ -433,6 +433,7 @@ def test_the_caches_keep_no_long_values() -> None:
     """What a peer sends cannot fill memory: header names, To values and
     parsed name-addrs longer than 256 characters are read, not remembered."""
     from proxy.sip import headers, redirect
+    from proxy.sip import scan as scanning
 
     long_name = b"X-" + b"a" * 300
     long_to = '"%s" <sip:ocschat@contoso.com>' % ("b" * 300)
@@ -440,7 +441,7 @@ def test_the_caches_keep_no_long_values() -> None:
         b"To: <sip:ocschat@contoso.com>", b"To: " + long_to.encode()
     ).replace(b"Supported: ms-sender", long_name + b": 1")
     assert scan(data, 65535, 128) is not None
-    assert long_name not in redirect._names
+    assert long_name not in scanning._names
     assert long_to.encode() not in redirect._plain_to
     headers.NameAddr.parse(long_to)
     assert long_to not in headers._recurring

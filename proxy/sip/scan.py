@@ -1,0 +1,153 @@
+"""What the fast paths share: reading everyday header lines over bytes.
+
+The general parser (``proxy.sip.message``) decodes a whole message, names
+every line and validates what every element needs (RFC 3261 §7, §8.2, §18.3).
+The fast paths (``proxy.sip.redirect`` for the 302, ``proxy.sip.relay`` for
+the responses a proxy passes on) read only the lines they need, over the
+received bytes, and give up (``None``) on anything the general parser would
+read differently or refuse; the caller then takes the general path.  What
+they share lives here: the split into header lines, the names of the lines
+they read, and the everyday Via and name-addr patterns of
+``proxy.sip.headers`` compiled over bytes.
+"""
+
+from __future__ import annotations
+
+import re
+
+from proxy.sip.headers import _NAME_ADDR_FAST, _VIA_FAST
+
+#: RFC 3261 §25.1 token: a header name.
+TOKEN = re.compile(rb"[A-Za-z0-9\-.!%*_+`'~]+\Z")
+#: Slots of the header fields the fast paths read; Via is 0, the ones the
+#: redirect's response copies come first.
+VIA, FROM, TO, CALL_ID, CSEQ, MAX_FORWARDS, LENGTH, REQUIRE = range(8)
+OTHER = -1
+_KEYS = {
+    b"via": VIA,
+    b"v": VIA,
+    b"from": FROM,
+    b"f": FROM,
+    b"to": TO,
+    b"t": TO,
+    b"call-id": CALL_ID,
+    b"i": CALL_ID,
+    b"cseq": CSEQ,
+    b"max-forwards": MAX_FORWARDS,
+    b"content-length": LENGTH,
+    b"l": LENGTH,
+    b"require": REQUIRE,
+}
+#: Header names as written -> their slot, or ``OTHER`` for any other valid
+#: name; filled as names are met (bounded).
+_names: dict[bytes, int] = {
+    **_KEYS,
+    **{k.title(): v for k, v in _KEYS.items()},
+    b"Call-ID": CALL_ID,
+    b"CSeq": CSEQ,
+}
+NAMES_MAX = 4096
+#: Longer names and values are read but not remembered, so the caches stay
+#: small whatever a peer sends.
+LONGEST = 256
+LWS = b" \t"
+#: RFC 3261 §20.16: a CSeq number is below 2**31.
+CSEQ_LIMIT = 2**31
+#: The largest Content-Length the general parser takes (``MAX_MESSAGE_SIZE``).
+MAX_LENGTH = 65535
+#: The header section the general parser reads without the long-line check
+#: (``proxy.sip.message.MAX_LINE``).
+MAX_BLOCK = 8192
+
+#: The everyday Via and name-addr of ``proxy.sip.headers``, over bytes: the
+#: same patterns (ASCII classes only), so whatever these match the general
+#: parser reads the same way.
+VIA_RE = re.compile(_VIA_FAST.pattern.encode())
+NAME_ADDR_RE = re.compile(_NAME_ADDR_FAST.pattern.encode())
+#: Name-addrs already found to be everyday with a simple SIP URI: the From
+#: and To of a dialog come back in every message of it.
+_everyday: set[bytes] = set()
+
+
+def slot_of(name: bytes) -> int | None:
+    """The slot of a header name as written, ``OTHER`` for another valid
+    name, None for an invalid one (folding, a bad character)."""
+    known = _names.get(name)
+    if known is not None:
+        return known
+    stripped = name.rstrip(LWS)
+    if not TOKEN.match(stripped):
+        return None
+    key = _KEYS.get(stripped.lower(), OTHER)
+    if len(_names) < NAMES_MAX and len(name) <= LONGEST:
+        _names[name] = key
+    return key
+
+
+def header_lines(data: bytes, head: int, max_headers: int) -> tuple[list[bytes], int] | None:
+    """The header lines of ``data`` from offset ``head`` (just past the start
+    line) and the offset of the CRLF CRLF that ends them; None when a line
+    would need the general parser: no empty line, more than ``max_headers``
+    lines, a header section over ``MAX_BLOCK``, a CR or LF that is not a line
+    end, or folding (§7.3.1: a continuation line has no colon of its own
+    before its first space, and is caught by ``slot_of``)."""
+    end = data.find(b"\r\n\r\n", head - 2)
+    if end < head:
+        return None
+    lines = data[head:end].split(b"\r\n")
+    n = len(lines)
+    if (
+        n > max_headers
+        or end - head > MAX_BLOCK
+        or data.count(b"\n", head, end) != n - 1
+        or data.count(b"\r", head, end) != n - 1
+    ):
+        return None
+    return lines, end
+
+
+def everyday_name_addr(value: bytes) -> bool:
+    """Whether a From or To value (stripped) is an everyday name-addr with a
+    simple SIP URI, which ``NameAddr.parse`` reads without error."""
+    if value in _everyday:
+        return True
+    addr = NAME_ADDR_RE.match(value)
+    if addr is None or addr.group(3) is None:
+        return False
+    if len(_everyday) >= NAMES_MAX:
+        _everyday.clear()
+    if len(value) <= LONGEST:
+        _everyday.add(value)
+    return True
+
+
+def cseq_of(value: bytes) -> tuple[bytes, bytes] | None:
+    """The number and method of a CSeq value that ``CSeq.parse`` accepts
+    (§20.16), or None: let the general parser decide."""
+    parts = value.split()
+    if len(parts) != 2:
+        return None
+    number, method = parts
+    if not number.isdigit() or len(number) > 10 or int(number) >= CSEQ_LIMIT:
+        return None
+    if not TOKEN.match(method):
+        return None
+    return number, method
+
+
+def call_id_ok(value: bytes) -> bool:
+    """A Call-ID the general parser accepts: not empty, no blank inside."""
+    value = value.strip(LWS)
+    return bool(value) and b" " not in value and b"\t" not in value
+
+
+def length_ok(value: bytes, body: int, exact: bool) -> bool:
+    """A Content-Length (§20.14) the body fills: ``body`` bytes follow the
+    header section; ``exact`` asks for no byte past it either."""
+    value = value.strip(LWS)
+    if not value.isdigit() or len(value) > 5:
+        return False
+    n = int(value)
+    if n > MAX_LENGTH:
+        return False
+    return n == body if exact else n <= body

@@ -1,0 +1,398 @@
+"""The proxy's fast path for responses (``proxy.sip.relay``) passes every
+response on exactly as the general path does.
+
+Two proofs.  Where ``scan_response`` reads a response at all, the general
+parser reads it too, without error, and agrees on the status, the client
+transaction's key (RFC 3261 §17.1.3) and the bytes passed on without
+pcproxy's Via (§16.7 step 9): checked for generated responses with every
+oddity the scan must leave to the general parser (§7.3.1 folding and
+duplicates, §18.3 framing, §20.16 CSeq, comma-joined Vias), for damaged
+everyday responses and for the RFC 4475/5118 corpus.  And two elements, one
+with the fast path and one without, send the same bytes at the same times
+through whole proxied calls: answered, refused, failed over, cancelled,
+duplicated, with the dialog's requests in both directions.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TypeVar
+from unittest.mock import patch
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.sip.client_transaction import client_key, response_key
+from proxy.sip.message import Response, parse
+from proxy.sip.peer import Peer
+from proxy.sip.proxy_core import strip_own_via
+from proxy.sip.relay import scan_response, strip_top_via
+
+from .sipmsg import CLIENT_VIA, ack_for, cancel_for
+from .test_proxy_element import (
+    CLIENT_TCP,
+    CLIENT_UDP,
+    EXTRAS,
+    NAMES,
+    POOL1,
+    POOL2,
+    SPACINGS,
+    Client,
+    Fault,
+    Network,
+    Pool,
+    _fold,
+    client_in_dialog,
+    client_invites,
+    invite,
+    pool_in_dialog,
+    wire,
+)
+from .test_torture import CASES, CORPUS
+
+T = TypeVar("T")
+OUR_VIA = "SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK5d1e.0a1b2c3d4e5f6071;rport=5060"
+EVERYDAY_200 = (
+    b"SIP/2.0 200 OK\r\n"
+    b"Via: " + OUR_VIA.encode() + b"\r\n"
+    b"Via: SIP/2.0/UDP 127.0.0.1:5061;branch=z9hG4bK-7-1-0;rport=5061\r\n"
+    b"Record-Route: <sip:o.ab@127.0.0.1:5060;transport=udp;lr>, "
+    b"<sip:i.cd@127.0.0.1:5060;transport=udp;lr>\r\n"
+    b'From: "Chat Client 7" <sip:user7@contoso.com>;tag=7SIPpTag007;epid=5eb17\r\n'
+    b"To: <sip:ocschat@contoso.com>;tag=pool-1\r\n"
+    b"Call-ID: 7-4242@127.0.0.1\r\n"
+    b"CSeq: 1 INVITE\r\n"
+    b"Contact: <sip:pool@127.0.0.2:5070;transport=udp>\r\n"
+    b"Content-Type: application/sdp\r\n"
+    b"Content-Length: 4\r\n\r\nv=0\n"
+)
+
+
+def agree(data: bytes, max_size: int = 65535, max_headers: int = 128) -> bool:
+    """Where the scan reads ``data``, the general parser reads it alike, as a
+    datagram and as a stream message; returns whether the scan read it."""
+    scanned = scan_response(data, max_size, max_headers)
+    if scanned is None:
+        return False
+    for stream in (False, True):
+        msg = parse(data, stream=stream, max_size=max_size, max_headers=max_headers)
+        assert isinstance(msg, Response)
+        assert msg.status == scanned.status
+        assert response_key(msg) == client_key(scanned.branch, scanned.method)
+        for branch in (scanned.branch, "z9hG4bKsomebody-else"):
+            assert strip_own_via(msg, data, branch) == strip_top_via(scanned, data, branch)
+    return True
+
+
+def test_an_everyday_response_is_read_and_passed_on_without_our_via() -> None:
+    assert agree(EVERYDAY_200)
+    scanned = scan_response(EVERYDAY_200, 65535, 128)
+    assert scanned is not None
+    assert (scanned.status, scanned.method) == (200, "INVITE")
+    assert scanned.branch == "z9hG4bK5d1e.0a1b2c3d4e5f6071"
+    passed = strip_top_via(scanned, EVERYDAY_200, scanned.branch)
+    assert passed == EVERYDAY_200.replace(b"Via: " + OUR_VIA.encode() + b"\r\n", b"")
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ((b"SIP/2.0 200 OK", b"\r\nSIP/2.0 200 OK"), "a leading CRLF (§7.5)"),
+        ((b"SIP/2.0 200 OK", b"SIP/2.0 200"), "no space after the code"),
+        ((b"SIP/2.0 200 OK", b"SIP/2.0 099 Odd"), "a code outside 1xx-6xx"),
+        ((b"SIP/2.0 200 OK", b"SIP/3.0 200 OK"), "another version (§7.2)"),
+        ((b"CSeq: 1 INVITE\r\n", b"CSeq: 1 INVITE\r\nCSeq: 2 INVITE\r\n"), "two CSeqs"),
+        ((b"Call-ID: 7-4242", b"Call-ID: 7 4242"), "a blank in the Call-ID"),
+        ((b"CSeq: 1 INVITE", b"CSeq: x INVITE"), "a CSeq number that is not one"),
+        ((b"CSeq: 1 INVITE", b"CSeq: 2147483648 INVITE"), "a CSeq number of 2**31"),
+        ((b"Content-Length: 4", b"Content-Length: 3"), "a body past Content-Length"),
+        ((b"Content-Length: 4", b"Content-Length: 5"), "a body short of it"),
+        ((b"Content-Length: 4\r\n", b""), "no Content-Length"),
+        ((b";rport=5060\r\n", b";rport=5060, SIP/2.0/UDP 10.0.0.1\r\n"), "two Vias in one line"),
+        ((b"127.0.0.1:5060;branch", b"[::1]:5060;branch"), "an IPv6 sent-by"),
+        ((b"127.0.0.1:5060;branch", b"127.0.0.1:65536;branch"), "a port out of range"),
+        ((b";branch=z9hG4bK5d1e.0a1b2c3d4e5f6071", b""), "no branch"),
+        ((b"To: <sip:ocschat@contoso.com>", b"To: sip:ocschat@contoso.com"), "an addr-spec To"),
+        ((b"Contact: <sip", b"Contact:\r\n <sip"), "a folded line (§7.3.1)"),
+        ((b"Contact: <sip", b"Contact: <s\rip"), "a bare CR"),
+    ],
+)
+def test_what_the_scan_leaves_to_the_general_parser(change: tuple[bytes, bytes], why: str) -> None:
+    data = EVERYDAY_200.replace(*change)
+    assert data != EVERYDAY_200, why
+    assert scan_response(data, 65535, 128) is None, why
+    agree(data)
+
+
+def test_a_response_with_only_our_via_is_left_to_the_general_path() -> None:
+    """§16.7 step 3: with no Via left there is nobody to pass it to."""
+    data = EVERYDAY_200.replace(
+        b"Via: SIP/2.0/UDP 127.0.0.1:5061;branch=z9hG4bK-7-1-0;rport=5061\r\n", b""
+    )
+    assert scan_response(data, 65535, 128) is None
+
+
+def test_the_limits_of_the_general_parser_hold() -> None:
+    assert scan_response(EVERYDAY_200, len(EVERYDAY_200) - 1, 128) is None
+    assert scan_response(EVERYDAY_200, 65535, 9) is None
+    assert agree(EVERYDAY_200, len(EVERYDAY_200), 10)
+
+
+# generated responses ------------------------------------------------------------------------
+STATUS_LINES = [
+    "SIP/2.0 100 Trying",
+    "SIP/2.0 180 Ringing",
+    "SIP/2.0 200 OK",
+    "SIP/2.0 200 ",
+    "SIP/2.0 486 Busy Here",
+    "SIP/2.0 603 Decline",
+    "SIP/2.0 200 Ok \xe9t\xe9",
+    "SIP/2.0 700 Strange",
+    "SIP/2.0 20 Short",
+    "SIP/2.0 200",
+    "SIP/2.1 200 OK",
+]
+TOP_VIAS = [
+    OUR_VIA,
+    OUR_VIA.replace(";rport=5060", ";received=10.0.0.1;rport=5060"),
+    OUR_VIA.replace("branch=", "BRANCH="),
+    OUR_VIA.replace("branch=z9hG4bK5d1e.0a1b2c3d4e5f6071", "branch="),
+    OUR_VIA.replace("branch=z9hG4bK5d1e.0a1b2c3d4e5f6071", "branch"),
+    OUR_VIA.replace("UDP 127.0.0.1:5060", "TCP pcproxy.contoso.com"),
+    OUR_VIA.replace("UDP 127.0.0.1:5060", "TLS [2001:db8::7]:5061"),
+    OUR_VIA.replace("5060;", "0;"),
+    OUR_VIA + " ",
+    OUR_VIA + ";branch=z9hG4bKsecond",
+    OUR_VIA + ", " + CLIENT_VIA + ";branch=z9hG4bK-c",
+    OUR_VIA.replace("SIP/2.0/UDP ", "SIP / 2.0 / UDP "),
+]
+ADDRESSES = [
+    "<sip:ocschat@contoso.com>;tag=p1",
+    '"Chat Client 7" <sip:user7@contoso.com>;tag=7SIPpTag007;epid=5eb17',
+    '"Esc \\"q\\"" <sip:a@b.example>;tag=x',
+    "Alice Smith <sip:alice@contoso.com>",
+    "<sips:alice@contoso.com;transport=tls>;tag=9",
+    "<sip:alice@[2001:db8::1]>;tag=9",
+    "sip:alice@contoso.com;tag=9",
+    "<sip:alice@contoso.com",
+    "",
+]
+CSEQS = ["1 INVITE", "2 BYE", "1  INFO", "1\tUPDATE", "x INVITE", "1", "99999999999 BYE", "1 B@D"]
+#: A second line of a header (the general parser refuses most of them).
+SECONDS = [("cseq", "1 INVITE"), ("to", ADDRESSES[0]), ("max-forwards", "70"), ("Require", "x")]
+CALL_IDS = ["7-4242@127.0.0.1", "a", "", "has space", "x\ty"]
+
+
+def mostly(everyday: T, odd: Sequence[T]) -> st.SearchStrategy[T]:
+    """``everyday`` three times in four, else one of ``odd``."""
+    return st.sampled_from([everyday] * (3 * len(odd)) + list(odd))
+
+
+@st.composite
+def responses(draw: st.DrawFn) -> bytes:
+    """Responses from the pool as a server might write them: everyday ones,
+    with compact and odd-case names and odd spacing, and every oddity the
+    scan must leave alone, alone or together."""
+    body = draw(st.sampled_from([b"", b"v=0\r\n", b"<xml/>\r\n\r\n<more/>"]))
+    body += draw(st.binary(max_size=20))
+    vias = [draw(mostly(TOP_VIAS[0], TOP_VIAS[1:]))]
+    below = CLIENT_VIA + ";branch=z9hG4bK-c1;rport=5060"
+    vias += draw(st.lists(mostly(below, ["bad via"]), max_size=3))
+    n = len(body)
+    odd_lengths: list[str | None] = [str(n + 1), str(max(n - 1, 0)), None, "4a"]
+    length = draw(mostly(str(n), odd_lengths))
+    fields = [("via", v) for v in vias] + [
+        ("from", draw(mostly(ADDRESSES[1], ADDRESSES[2:]))),
+        ("to", draw(mostly(ADDRESSES[0], ADDRESSES[2:]))),
+        ("call-id", draw(mostly(CALL_IDS[0], CALL_IDS[1:]))),
+        ("cseq", draw(mostly(CSEQS[0], CSEQS[1:]))),
+    ]
+    if length is not None:
+        fields.append(("content-length", length))
+    fields += draw(st.lists(st.sampled_from(EXTRAS), max_size=4, unique=True))
+    if draw(mostly(False, [True])):
+        fields.append(draw(st.sampled_from(SECONDS)))
+    if draw(st.booleans()):
+        fields = draw(st.permutations(fields))
+    folded = draw(mostly(False, [True]))
+    lines = [draw(mostly(STATUS_LINES[2], STATUS_LINES))]
+    for key, value in fields:
+        name = draw(st.sampled_from(NAMES.get(key, [key])))
+        lines.append(
+            name + draw(st.sampled_from(SPACINGS)) + (_fold(draw, value) if folded else value)
+        )
+    data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    return draw(mostly(b"", [b"\r\n"])) + data
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(responses())
+def test_the_scan_agrees_with_the_general_parser_on_generated_responses(data: bytes) -> None:
+    agree(data)
+
+
+def test_generated_responses_take_both_paths() -> None:
+    """The property above is not empty: a good share of what it generates is
+    read by the scan, and a good share is left to the general parser."""
+    read = 0
+    examples = []
+
+    @settings(max_examples=400, deadline=None, database=None)
+    @given(responses())
+    def collect(data: bytes) -> None:
+        examples.append(data)
+
+    collect()
+    read = sum(agree(data) for data in examples)
+    assert 0.05 * len(examples) < read < 0.95 * len(examples)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    cut=st.integers(0, len(EVERYDAY_200)),
+    junk=st.binary(max_size=4) | st.sampled_from([b"\r\n", b",", b":", b" ", b"\r\n "]),
+    drop=st.integers(0, 3),
+)
+def test_a_damaged_everyday_response_is_read_alike_or_left_alone(
+    cut: int, junk: bytes, drop: int
+) -> None:
+    agree(EVERYDAY_200[:cut] + junk + EVERYDAY_200[cut + drop :])
+
+
+@pytest.mark.parametrize(("rfc", "name", "entry"), CASES)
+def test_the_torture_corpus_is_read_alike_or_left_alone(rfc: str, name: str, entry: object) -> None:
+    """Each message as it is, and its header section as a pool's response
+    (the start line a 200's, pcproxy's Via on top): RFC 4475 and RFC 5118
+    put every oddity of §7 in those lines."""
+    data = (CORPUS / rfc / ("%s.sip" % name)).read_bytes()
+    agree(data)
+    eol = data.find(b"\r\n")
+    if eol > 0:
+        agree(b"SIP/2.0 200 OK\r\nVia: " + OUR_VIA.encode() + data[eol:])
+
+
+# two elements through whole calls ------------------------------------------------------------
+@contextmanager
+def same_randomness() -> Iterator[None]:
+    """Branches from a counter instead of ``secrets`` and To-tags from zero
+    bytes instead of ``os.urandom``, so that two elements driven alike make
+    the same bytes."""
+    counter = itertools.count()
+    with (
+        patch("secrets.token_hex", lambda n=32: "%0*x" % (2 * n, next(counter))),
+        patch("os.urandom", bytes),
+    ):
+        yield
+
+
+Scenario = Callable[[bool], Network]
+SECRET = b"k" * 32
+
+
+def _wire(*pools: Pool, fast: bool, client: Peer = CLIENT_UDP) -> tuple[Network, Client]:
+    return wire(*pools, client=client, fast_relay=fast, secret=SECRET)
+
+
+def _answered(fast: bool, client: Peer = CLIENT_UDP) -> Network:
+    pool = Pool("pool1", POOL1, (100, 180, 200))
+    net, uac = _wire(pool, fast=fast, client=client)
+    uac.call(invite(client))
+    net.advance()
+    (final,) = uac.got(b"SIP/2.0 200 ")
+    uac.send(client_in_dialog("ACK", final, cseq=1, peer=client))
+    net.advance()
+    uac.send(client_in_dialog("INFO", final, cseq=2, peer=client))
+    net.advance(0.5)
+    (at_pool,) = pool.got(b"INVITE ")
+    pool.send(pool_in_dialog("BYE", pool, at_pool))
+    net.advance(0.5)
+    uac.send(client_in_dialog("BYE", final, cseq=3, peer=client))
+    net.advance(0.5)
+    pool.retransmit_final()
+    return net
+
+
+def _refused(fast: bool) -> Network:
+    net, uac = _wire(Pool("pool1", POOL1, (180, 486)), fast=fast)
+    uac.call(invite())
+    return net
+
+
+def _failed_over(fast: bool) -> Network:
+    net, uac = _wire(Pool("pool1", POOL1, (503,)), Pool("pool2", POOL2, (180, 200)), fast=fast)
+    uac.call(invite())
+    return net
+
+
+def _cancelled(fast: bool) -> Network:
+    net, uac = _wire(Pool("pool1", POOL1, (180, (10.0, 200))), fast=fast)
+    uac.call(invite())
+    net.advance(1.0)
+    uac.send(cancel_for(uac.invite))
+    return net
+
+
+def _duplicated(fast: bool) -> Network:
+    net, uac = _wire(Pool("pool1", POOL1, (180, 200)), fast=fast)
+    net.faults.append(Fault(b"SIP/2.0 ", to="proxy", copies=2))
+    uac.call(invite())
+    net.advance()
+    (final, *_) = uac.got(b"SIP/2.0 200 ")
+    uac.send(client_in_dialog("ACK", final, cseq=1))
+    return net
+
+
+def _ack_for_486(fast: bool) -> Network:
+    net, uac = _wire(Pool("pool1", POOL1, (486,)), fast=fast)
+    uac.call(invite())
+    net.advance()
+    (busy,) = uac.got(b"SIP/2.0 486 ")
+    uac.send(ack_for(uac.invite, busy))
+    return net
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "answered over UDP": _answered,
+    "answered over TCP": lambda fast: _answered(fast, client=CLIENT_TCP),
+    "refused with 486": _refused,
+    "failed over after a 503": _failed_over,
+    "cancelled after a 180": _cancelled,
+    "every response twice": _duplicated,
+    "a 486 acked by the client": _ack_for_486,
+}
+
+
+def transcript(scenario: Scenario, fast: bool) -> tuple[list[object], dict[str, int]]:
+    """Every Send of the element with its time, and its counters, after the
+    scenario and every timer to the end."""
+    with same_randomness():
+        net = scenario(fast)
+        net.advance(600.0)
+    return [(at, s.data, s.peer) for at, s in net.sent], dict(net.element.counters)
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_an_element_with_the_fast_path_sends_what_one_without_it_sends(name: str) -> None:
+    fast = transcript(SCENARIOS[name], fast=True)
+    assert fast == transcript(SCENARIOS[name], fast=False)
+    assert fast[0], "the scenario sent nothing"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(client_invites())
+def test_generated_invites_make_the_same_calls_with_and_without_the_fast_path(
+    data: bytes,
+) -> None:
+    """The pool copies the client's Via, From, To, Call-ID and CSeq lines as
+    they came (folded, compact, odd-case), so its responses take the fast path
+    or not: the element sends the same either way."""
+
+    def call(fast: bool) -> Network:
+        net, uac = _wire(Pool("pool1", POOL1, (180, 200)), fast=fast)
+        uac.call(data)
+        return net
+
+    assert transcript(call, fast=True) == transcript(call, fast=False)
