@@ -55,7 +55,7 @@ from proxy.sip.headers import (
     param_value,
     split_commas,
 )
-from proxy.sip.message import Header, Request, Response, make_response, parse
+from proxy.sip.message import Header, Request, Response, line_value, make_response, parse
 from proxy.sip.peer import Peer, Send
 from proxy.sip.proxy_core import (
     ProxyRejection,
@@ -63,10 +63,11 @@ from proxy.sip.proxy_core import (
     cancel_of,
     choose_best,
     forward,
-    preprocess_route,
+    preprocess_routes,
     stateless_unique,
     strip_own_via,
     validate_request,
+    with_routes,
 )
 from proxy.sip.redirect import build_final, scan
 from proxy.sip.relay import ScannedResponse, scan_response, strip_top_via
@@ -139,6 +140,26 @@ class ElementConfig:
     #: Pass everyday responses of proxied requests on through
     #: ``proxy.sip.relay`` (same bytes, without the general parser).
     fast_relay: bool = True
+
+
+class OwnRoutes(NamedTuple):
+    """What the Route lines of a request come to once those naming this
+    proxy are removed (§16.4; ``Element._pop_own_routes``)."""
+
+    #: The Route lines left, numbered as they came (``preprocess_routes``).
+    routes: tuple[tuple[int, str], ...]
+    #: The Request-URI (a strict router's previous hop restored).
+    uri: str
+    #: Each removed Route's token as (side, flow); None if one is not valid.
+    sides: tuple[tuple[str, Peer | None], ...] | None
+    #: Whether anything was removed.
+    changed: bool
+
+
+#: Route lines and Request-URIs remembered by ``_pop_own_routes``: how many,
+#: and how long together (longer ones are worked out every time).
+_ROUTED_MAX = 1024
+_ROUTED_LONGEST = 2048
 
 
 class Listener(NamedTuple):
@@ -445,6 +466,8 @@ class Element:
         #: endpoints, for the snapshot it was computed from.
         self._redirects: dict[bytes, tuple[bytes, str] | None] = {}
         self._redirects_of: Snapshot | None = None
+        #: (Route lines, Request-URI, tokens checked) -> ``_own_routes``.
+        self._routed: dict[tuple[tuple[str, ...], str, bool], OwnRoutes] = {}
 
     def set_listeners(
         self, listeners: list[Listener], others: Iterable[tuple[str, int]] = ()
@@ -453,6 +476,7 @@ class Element:
         and which Route URIs and Via sent-by values are this proxy's
         (``others``: the pool-side addresses of the service's other workers)."""
         self.listeners = list(listeners)
+        self._routed.clear()  # which Routes are ours may change
         self._addresses = {(lst.host.lower(), lst.port) for lst in listeners}
         self._addresses.update((host.lower(), port) for host, port in others)
 
@@ -902,23 +926,49 @@ class Element:
 
     def _pop_own_routes(
         self, req: Request, *, tokens: bool = True
-    ) -> tuple[Request, list[tuple[str, Peer | None]] | None]:
+    ) -> tuple[Request, Sequence[tuple[str, Peer | None]] | None]:
         """The request without its leading Routes that name this proxy (§16.4),
         and the (side, flow) of each of their tokens; ``None`` if one of them
         carries no valid token (unless ``tokens`` is false: a preloaded Route
-        of an out-of-dialog request has none)."""
+        of an out-of-dialog request has none).
+
+        Every request of a dialog carries the same Route lines, so what they
+        come to is remembered (``_own_routes``), for the listeners it was
+        worked out with."""
+        lines = tuple(raw for key, raw in zip(req.keys, req.lines, strict=True) if key == "route")
+        if not lines:
+            return req, []
+        memo = (lines, req.uri, tokens)
+        known = self._routed.get(memo)
+        if known is None:
+            known = self._own_routes(lines, req.uri, tokens)
+            if len(req.uri) + sum(map(len, lines)) <= _ROUTED_LONGEST:
+                if len(self._routed) >= _ROUTED_MAX:
+                    self._routed.clear()
+                self._routed[memo] = known
+        if known.sides is None:
+            return req, None
+        if not known.changed:
+            return req, known.sides  # nothing of ours at the top
+        return with_routes(req, known.routes, known.uri), known.sides
+
+    def _own_routes(self, lines: tuple[str, ...], uri: str, tokens: bool) -> OwnRoutes:
+        """``_pop_own_routes`` worked out on the Route lines alone."""
+        routes = list(enumerate(lines))
+        received = list(routes), uri
         sides: list[tuple[str, Peer | None]] = []
-        while "route" in req.keys:
-            first = NameAddr.parse(req.get_all("route")[0]).uri
+        while routes:
+            values = [v for _, raw in routes for v in split_commas(line_value(raw))]
+            first = NameAddr.parse(values[0]).uri
             if not self._is_mine(first):
                 break
             if tokens:
                 token = self.tokens.check(parse_uri(first).user)
                 if token is None:
-                    return req, None
+                    return OwnRoutes((), uri, None, False)
                 sides.append(token)
-            req = preprocess_route(req, first.__eq__)
-        return req, sides
+            uri = preprocess_routes(routes, uri, first.__eq__)
+        return OwnRoutes(tuple(routes), uri, tuple(sides), (routes, uri) != received)
 
     def _new_context(
         self,

@@ -38,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 
 from proxy.sip.errors import SipError, UriError
 from proxy.sip.headers import (
@@ -67,6 +67,8 @@ __all__ = [
     "cancel_of",
     "make_cancel",
     "preprocess_route",
+    "preprocess_routes",
+    "with_routes",
     "process_response",
     "stateless_unique",
     "strip_own_via",
@@ -283,23 +285,62 @@ def preprocess_route(req: Request, is_mine: Callable[[str], bool]) -> Request:
     left keep their bytes.  The maddr rule of §16.4 is not implemented: this
     proxy never puts maddr in the URIs it hands out.
     """
-    lines, keys, uri = list(req.lines), list(req.keys), req.uri
-    if is_mine(uri) and "route" in keys:
-        last = len(keys) - 1 - keys[::-1].index("route")
-        values = split_commas(line_value(lines[last]))
+    routes = list(enumerate(req.raw_lines("route")))
+    uri = preprocess_routes(routes, req.uri, is_mine)
+    return with_routes(req, routes, uri)
+
+
+#: The Route lines of a request as ``(n, raw line)``: the n-th Route line.
+RouteLines = list[tuple[int, str]]
+
+
+def route_lines(req: Request) -> RouteLines:
+    """The Route lines of ``req``, numbered, for ``preprocess_routes``."""
+    return list(
+        enumerate(raw for key, raw in zip(req.keys, req.lines, strict=True) if key == "route")
+    )
+
+
+def preprocess_routes(routes: RouteLines, uri: str, is_mine: Callable[[str], bool]) -> str:
+    """``preprocess_route`` on the Route lines alone (§16.4): edits ``routes``
+    in place (a line cut or removed) and returns the Request-URI.  It reads
+    nothing but the Route lines and the Request-URI, so a caller may keep
+    its result for the next request that carries the same ones."""
+    if is_mine(uri) and routes:
+        n, last = routes[-1]
+        values = split_commas(line_value(last))
         uri = NameAddr.parse(values[-1]).uri
         if len(values) == 1:
-            del lines[last], keys[last]
+            del routes[-1]
         else:
-            lines[last] = _drop_last_value(lines[last])
-    if "route" in keys:
-        first = keys.index("route")
-        values = split_commas(line_value(lines[first]))
+            routes[-1] = (n, _drop_last_value(last))
+    if routes:
+        n, first = routes[0]
+        values = split_commas(line_value(first))
         if is_mine(NameAddr.parse(values[0]).uri):
             if len(values) == 1:
-                del lines[first], keys[first]
+                del routes[0]
             else:
-                lines[first] = _drop_first_value(lines[first])
+                routes[0] = (n, _drop_first_value(first))
+    return uri
+
+
+def with_routes(req: Request, routes: Sequence[tuple[int, str]], uri: str) -> Request:
+    """``req`` with its Route lines as ``preprocess_routes`` left them (each
+    line kept, cut or removed in place) and ``uri`` as its Request-URI."""
+    kept = dict(routes)
+    lines: list[str] = []
+    keys: list[str] = []
+    n = 0
+    for key, raw in zip(req.keys, req.lines, strict=True):
+        if key == "route":
+            edited = kept.get(n)
+            n += 1
+            if edited is None:
+                continue
+            raw = edited
+        lines.append(raw)
+        keys.append(key)
     return req.derive(lines, keys, uri, via=req.via, max_forwards=req.max_forwards)
 
 

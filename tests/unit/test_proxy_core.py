@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -9,13 +10,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.sip.errors import SipError
-from proxy.sip.headers import MAGIC_COOKIE, Via
-from proxy.sip.message import Request, parse
+from proxy.sip.headers import MAGIC_COOKIE, NameAddr, Via, split_commas
+from proxy.sip.message import Request, line_value, parse
 from proxy.sip.proxy_core import (
     BadExtension,
     LoopDetected,
     TooManyHops,
     UnsupportedUriScheme,
+    _drop_first_value,
+    _drop_last_value,
     branch_for,
     choose_best,
     forward_request,
@@ -332,6 +335,73 @@ def test_request_uri_from_a_strict_router_is_restored_from_the_last_route():
     out = preprocess_route(req_of(data), is_mine)
     assert out.uri == "sip:caller@u1.example.com"
     assert out.raw_lines("route") == ["Route: <sip:p1.example.com;lr>"]
+
+
+def _reference_preprocess_route(req: Request, is_mine: Callable[[str], bool]) -> Request:
+    """§16.4 as first written, on the whole request (kept to check the
+    Route-line version against)."""
+    lines, keys, uri = list(req.lines), list(req.keys), req.uri
+    if is_mine(uri) and "route" in keys:
+        last = len(keys) - 1 - keys[::-1].index("route")
+        values = split_commas(line_value(lines[last]))
+        uri = NameAddr.parse(values[-1]).uri
+        if len(values) == 1:
+            del lines[last], keys[last]
+        else:
+            lines[last] = _drop_last_value(lines[last])
+    if "route" in keys:
+        first = keys.index("route")
+        values = split_commas(line_value(lines[first]))
+        if is_mine(NameAddr.parse(values[0]).uri):
+            if len(values) == 1:
+                del lines[first], keys[first]
+            else:
+                lines[first] = _drop_first_value(lines[first])
+    return req.derive(lines, keys, uri, via=req.via, max_forwards=req.max_forwards)
+
+
+ROUTE_VALUES = [
+    "<sip:%s;lr>" % ME,
+    "<sip:%s:5061;transport=tls;lr>" % ME,
+    "<sip:next.contoso.com;lr>",
+    "<sip:p3.middle.com>",
+    '"Quoted, Name" <sip:caller@u1.example.com>',
+    "<sip:a@b.example;x=1,2>",
+    "sip:bare.example.com;lr",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    groups=st.lists(
+        st.lists(st.sampled_from(ROUTE_VALUES), min_size=1, max_size=3), min_size=1, max_size=4
+    ),
+    between=st.booleans(),
+    strict=st.booleans(),
+    space=SPACE,
+)
+def test_the_route_lines_are_preprocessed_as_the_whole_request_was(
+    groups: list[list[str]], between: bool, strict: bool, space: str
+) -> None:
+    """``preprocess_route`` works on the Route lines alone and puts them
+    back in place: the same request as editing the whole one, whatever the
+    Route lines, values per line, other lines between them and a strict
+    router's Request-URI."""
+    extra: list[str] = []
+    for values in groups:
+        extra.append("Route:%s%s" % (space, ", ".join(values)))
+        if between:
+            extra.append("X-Between: %d" % len(extra))
+    uri = "sip:%s;lr" % ME if strict else "sip:ocschat@contoso.com"
+    req = req_of(invite(*extra, uri=uri))
+    try:
+        expected = _reference_preprocess_route(req, is_mine)
+    except SipError:
+        with pytest.raises(SipError):
+            preprocess_route(req, is_mine)
+        return
+    got = preprocess_route(req, is_mine)
+    assert (got.uri, got.lines, got.keys) == (expected.uri, expected.lines, expected.keys)
 
 
 # §16.6 --------------------------------------------------------------------------------

@@ -966,6 +966,54 @@ def test_a_route_naming_the_proxy_with_a_bad_token_is_403(which: str) -> None:
     assert len(net.sent_to(pool)) == sent_before
 
 
+def test_a_route_set_is_judged_alike_every_time_it_comes() -> None:
+    """What a Route set comes to is remembered (every request of a dialog
+    carries the same): a valid one is forwarded each time, a forged one
+    refused each time, in any order."""
+    net, uac, pool = full_call()
+    (ok,) = uac.got(b"SIP/2.0 200 ")
+    client_side, pool_side = uris(field_values(client_in_dialog("INFO", ok, cseq=2), "route"))
+    forged_route = b"Route: " + b", ".join([_forge(client_side), pool_side])
+    for cseq, forged in enumerate([False, True, True, False, True, False], start=2):
+        info = client_in_dialog("INFO", ok, cseq=cseq)
+        uac.send(re.sub(rb"Route: [^\r]*", forged_route, info) if forged else info)
+        net.advance(1.0)
+        assert uac.statuses()[-1] == (403 if forged else 200)
+        assert field_values(uac.inbox[-1], "cseq") == [b"%d INFO" % cseq]
+    assert len(pool.got(b"INFO ")) == 3
+
+
+def test_a_route_set_is_judged_again_when_the_listeners_change() -> None:
+    """Which Routes name this proxy depends on its listeners: a Route to an
+    address it no longer listens on is not its own (481), even when the
+    same Route set was forwarded before."""
+    net, uac, pool = full_call()
+    (ok,) = uac.got(b"SIP/2.0 200 ")
+    uac.send(client_in_dialog("INFO", ok, cseq=2))
+    net.advance(1.0)
+    assert uac.statuses()[-1] == 200
+    net.element.set_listeners([Listener("udp", "127.0.0.9", 5070, 0)])
+    uac.send(client_in_dialog("INFO", ok, cseq=3))
+    net.advance(1.0)
+    assert uac.statuses()[-1] == 481
+    assert len(pool.got(b"INFO ")) == 1
+
+
+def test_a_long_route_set_is_worked_out_but_not_remembered() -> None:
+    net, uac, pool = full_call()
+    (ok,) = uac.got(b"SIP/2.0 200 ")
+    info = client_in_dialog("INFO", ok, cseq=2)
+    long_info = info.replace(b"Route: ", b"Route: <sip:%s.example.com;lr>, " % (b"x" * 2100), 1)
+    uac.send(long_info)
+    net.advance(1.0)
+    assert uac.statuses()[-1] == 481  # the first Route is not ours: not our dialog
+    assert all(sum(map(len, memo[0])) < 2048 for memo in net.element._routed)
+    uac.send(client_in_dialog("INFO", ok, cseq=3))
+    net.advance(1.0)
+    assert uac.statuses()[-1] == 200
+    assert len(net.element._routed) == 1
+
+
 # 7. Timer C (§16.8) -------------------------------------------------------------------------
 def test_timer_c_cancels_a_branch_that_rang_without_a_final() -> None:
     pool = Pool("pool1", POOL1, (180,))
