@@ -20,6 +20,7 @@ is there, ``180``, ``200`` for both 200s, ``ACK``, ``BYE``, ``timers``).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -29,6 +30,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from proxy.server import GC_THRESHOLD  # noqa: E402
 from tests.unit.test_proxy_element import (  # noqa: E402
     CLIENT_UDP,
     POOL1,
@@ -81,6 +83,7 @@ def run(calls: int) -> dict[str, float]:
 
 
 def main() -> None:
+    gc.set_threshold(*GC_THRESHOLD)  # as the daemon runs
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=3000)
     ap.add_argument("--repeat", type=int, default=3)

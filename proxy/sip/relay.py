@@ -21,10 +21,11 @@ general path, which handles it exactly as before.  What it accepts:
 * header lines of a token, a colon and a value, each ending in CRLF: no
   folding, no bare CR or LF (§7.3.1), at most ``max_headers`` of them;
 * exactly one each of From, To, Call-ID, CSeq, at most one Max-Forwards and
-  Content-Length, and at least two Via lines: the pool's response carries
-  pcproxy's Via on top and the client's below (§16.7 step 3);
-* a top Via line of one value in the everyday form (no IPv6 sent-by) with a
-  branch (§17.1.3);
+  Content-Length, and at least two Via values: the pool's response carries
+  pcproxy's Via on top and the client's below (§16.7 step 3), on a line of
+  its own or after a comma on the same line (SIPp writes them so);
+* a top Via value in the everyday form (no IPv6 sent-by) with a branch
+  (§17.1.3);
 * From and To name-addrs of the everyday form with a simple SIP URI, a CSeq
   of a number and a token (§20.16), a Call-ID without blanks (§20.8);
 * a Content-Length the body fills exactly (§18.3): neither short, which the
@@ -66,9 +67,12 @@ class ScannedResponse(NamedTuple):
     #: client transaction the response belongs to (§17.1.3).
     branch: str
     method: str
-    #: The offsets of the top Via line and of the line after it.
+    #: The offsets of the top Via line and of the line after it, and what
+    #: takes its place once pcproxy's Via is gone: nothing, or the line
+    #: without its first value (CRLF included).
     via_start: int
     via_end: int
+    via_rest: bytes
 
 
 def scan_response(data: bytes, max_size: int, max_headers: int) -> ScannedResponse | None:
@@ -114,7 +118,6 @@ def scan_response(data: bytes, max_size: int, max_headers: int) -> ScannedRespon
     if (
         top is None
         or top_via is None
-        or vias < 2
         or from_v is None
         or to_v is None
         or call_id is None
@@ -127,7 +130,20 @@ def scan_response(data: bytes, max_size: int, max_headers: int) -> ScannedRespon
     number_method = cseq_of(cseq)
     if number_method is None:
         return None
-    via = VIA_RE.match(top_via.strip(LWS))  # one value: no comma matches
+    # the top Via line: pcproxy's value first, then the client's on the same
+    # line (as SIPp's [last_Via:] writes them) or on lines of their own
+    comma = top_via.find(b",")
+    if comma < 0:
+        if vias < 2:
+            return None  # no Via left to answer to (§16.7 step 3)
+        rest = b""
+    else:
+        # the first value matches the everyday Via, which holds no quote and
+        # no angle bracket, so its comma is the one that ends it (§7.3.1)
+        colon = len(top) - len(top_via) - 1
+        rest = b"%s %s\r\n" % (top[: colon + 1], top_via[comma + 1 :].lstrip(b" \t\r\n"))
+        top_via = top_via[:comma]
+    via = VIA_RE.match(top_via.strip(LWS))
     if via is None:
         return None
     port, paramtext = via.group(3), via.group(4)
@@ -150,6 +166,7 @@ def scan_response(data: bytes, max_size: int, max_headers: int) -> ScannedRespon
         number_method[1].decode("latin-1"),
         via_start,
         via_start + len(top) + 2,
+        rest,
     )
 
 
@@ -159,4 +176,4 @@ def strip_top_via(scanned: ScannedResponse, data: bytes, my_branch: str) -> byte
     is ``my_branch``); else None, as ``strip_own_via``."""
     if scanned.branch != my_branch:
         return None
-    return data[: scanned.via_start] + data[scanned.via_end :]
+    return data[: scanned.via_start] + scanned.via_rest + data[scanned.via_end :]
