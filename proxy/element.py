@@ -22,6 +22,7 @@ client transaction per target (§17.1) carries the request down the plan.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -70,7 +71,13 @@ from proxy.sip.proxy_core import (
     with_routes,
 )
 from proxy.sip.redirect import build_final, scan
-from proxy.sip.relay import ScannedResponse, scan_response, strip_top_via
+from proxy.sip.relay import (
+    ScannedResponse,
+    forward_ack,
+    scan_ack,
+    scan_response,
+    strip_top_via,
+)
 from proxy.sip.route_token import TOWARD_CLIENT, RouteTokens
 from proxy.sip.transaction import (
     ACK_RECEIVED,
@@ -468,6 +475,8 @@ class Element:
         self._redirects_of: Snapshot | None = None
         #: (Route lines, Request-URI, tokens checked) -> ``_own_routes``.
         self._routed: dict[tuple[tuple[str, ...], str, bool], OwnRoutes] = {}
+        #: (Route lines, Request-URI) of an ACK -> ``_ack_way``.
+        self._ack_ways: dict[tuple[tuple[bytes, ...], bytes], tuple[bytes, bytes, Peer] | None] = {}
 
     def set_listeners(
         self, listeners: list[Listener], others: Iterable[tuple[str, int]] = ()
@@ -477,6 +486,7 @@ class Element:
         (``others``: the pool-side addresses of the service's other workers)."""
         self.listeners = list(listeners)
         self._routed.clear()  # which Routes are ours may change
+        self._ack_ways.clear()
         self._addresses = {(lst.host.lower(), lst.port) for lst in listeners}
         self._addresses.update((host.lower(), port) for host, port in others)
 
@@ -487,6 +497,10 @@ class Element:
             txn = self._ack_transaction(data)
             if txn is not None:
                 return self._run(txn, ACK_RECEIVED, now)  # type: ignore[return-value]
+            if self.config.fast_relay:
+                forwarded = self._fast_ack(data)
+                if forwarded is not None:
+                    return forwarded
         elif self.config.fast_redirect and data[:4] in _FAST_METHODS:
             out = self._fast_redirect(data, peer, now)
             if out is not None:
@@ -615,6 +629,86 @@ class Element:
         counters["redirect_by." + contact[1]] += 1
         response = build_final(scanned, _STATUS_302, contact[0], tag, peer.host, peer.port)
         return self._run(txn, ResponseSent(302, response), now)  # type: ignore[return-value]
+
+    def _fast_ack(self, data: bytes) -> list[Output] | None:
+        """The ACK for a 2xx of a dialog this proxy Record-Routed, forwarded
+        statelessly (§16.11) from one scan of its bytes (``proxy.sip.relay``),
+        or None: take the general path.
+
+        Where an ACK goes depends on its Route set and Request-URI alone, the
+        same for every ACK of the dialog, so that is remembered
+        (``_ack_way``); its Via's branch is ``stateless_unique``'s."""
+        cfg = self.config
+        scanned = scan_ack(data, cfg.max_message_size, cfg.max_headers)
+        if scanned is None:
+            return None
+        branch = scanned.branch.decode("latin-1")
+        if (branch, scanned.sent_by, "INVITE") in self.transactions:
+            return None  # the ACK for a final response of ours
+        way = self._ack_way(scanned.routes, scanned.uri)
+        if way is None:
+            return None
+        prefix, suffix, peer = way
+        unique = hashlib.sha256(scanned.branch).hexdigest()[:16].encode()
+        self._ref += 1  # the context the general path opens and closes
+        counters = self.counters
+        counters["requests.ACK"] += 1
+        counters["in_dialog"] += 1
+        via_line = b"Via: %s%s%s\r\n" % (prefix, unique, suffix)
+        return [Send(forward_ack(scanned, data, via_line), peer)]
+
+    def _ack_way(self, routes: tuple[bytes, ...], uri: bytes) -> tuple[bytes, bytes, Peer] | None:
+        """Where ``_route_in_dialog`` sends an ACK with these Route lines and
+        Request-URI: the new Via up to its branch's unique part, what follows
+        that part, and the peer; None where it would do anything else (a
+        token not valid, a Route left, a name to resolve).  Remembered, for
+        the listeners it was worked out with."""
+        memo = (routes, uri)
+        try:
+            return self._ack_ways[memo]
+        except KeyError:
+            pass
+        way = self._find_ack_way(routes, uri)
+        if len(uri) + sum(map(len, routes)) <= _ROUTED_LONGEST:
+            if len(self._ack_ways) >= _ROUTED_MAX:
+                self._ack_ways.clear()
+            self._ack_ways[memo] = way
+        return way
+
+    def _find_ack_way(
+        self, routes: tuple[bytes, ...], uri: bytes
+    ) -> tuple[bytes, bytes, Peer] | None:
+        text = uri.decode("latin-1")
+        try:
+            own = self._own_routes(tuple(r.decode("latin-1") for r in routes), text, True)
+        except SipError:
+            return None
+        if not own.sides or own.routes or own.uri != text:
+            return None
+        side, flow = own.sides[0][0], next((f for _, f in own.sides if f is not None), None)
+        if side == TOWARD_CLIENT and flow is not None:
+            transport, listener, peer = flow.transport, self._listener_of(flow), flow
+        else:
+            try:
+                hop = parse_uri(text)
+            except SipError:
+                return None
+            transport = hop.param("transport") or ("tls" if hop.scheme == "sips" else "udp")
+            transport = transport.lower()
+            host = hop.host.strip("[]")
+            if not is_address(host):
+                return None
+            port = hop.port or (5061 if transport == "tls" else 5060)
+            listener = self._listener_for(Target(host, host, port, transport), None)
+            if listener is None:
+                return None
+            peer = Peer(
+                transport, host, port, listener.number, 0, host if transport == "tls" else ""
+            )
+        if listener is None:
+            return None
+        prefix = "SIP/2.0/%s %s;branch=%s" % (transport.upper(), listener.hostport, MAGIC_COOKIE)
+        return prefix.encode("latin-1"), b";rport" if transport == "udp" else b"", peer
 
     def _redirect_of(self, uri: bytes) -> tuple[bytes, str] | None:
         """The Contact line of the 302 for this Request-URI and the

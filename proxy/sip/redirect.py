@@ -115,8 +115,8 @@ def scan(data: bytes, max_size: int, max_headers: int) -> Scanned | None:
         key = slot_of(raw[:colon])
         if key is None:
             return None
-        if key < 0:
-            continue
+        if key < 0 or key > REQUIRE:
+            continue  # Route and Proxy-Require mean nothing to a redirect server
         if key == VIA:
             if not vias:
                 slots[VIA] = raw[colon + 1 :]

@@ -44,7 +44,11 @@ from typing import NamedTuple
 
 from proxy.sip.scan import (
     LWS,
+    MAX_FORWARDS,
+    NAME_ADDR_RE,
+    PROXY_REQUIRE,
     REQUIRE,
+    ROUTE,
     VIA,
     VIA_RE,
     call_id_ok,
@@ -101,16 +105,14 @@ def scan_response(data: bytes, max_size: int, max_headers: int) -> ScannedRespon
         key = slot_of(raw[:colon])
         if key is None:
             return None
-        if key < 0:
-            continue
+        if key < 0 or key >= REQUIRE:
+            continue  # Require, Route, Proxy-Require: read by no one in a response
         if key == VIA:
             if top is None:
                 top = raw
                 slots[VIA] = raw[colon + 1 :]
             vias += 1
             continue
-        if key == REQUIRE:
-            continue  # read by no one in a response
         if slots[key] is not None:
             return None  # a second From, To, Call-ID, CSeq...: the general path decides
         slots[key] = raw[colon + 1 :]
@@ -177,3 +179,156 @@ def strip_top_via(scanned: ScannedResponse, data: bytes, my_branch: str) -> byte
     if scanned.branch != my_branch:
         return None
     return data[: scanned.via_start] + scanned.via_rest + data[scanned.via_end :]
+
+
+#: RFC 3261 §7.1: ``ACK sip:... SIP/2.0``.
+_ACK_LINE = re.compile(rb"ACK (sips?:[^ \r\n]+) SIP/2\.0\r\n")
+#: Max-Forwards values above 0, as written (§8.1.1.6), and what they become.
+_HOPS = {str(n).encode(): str(n - 1).encode() for n in range(1, 256)}
+
+
+class ScannedAck(NamedTuple):
+    """What a proxy needs of the ACK for a 2xx to forward it (§16.11)."""
+
+    uri: bytes
+    #: The top Via's branch and sent-by (lower case): the key of an INVITE
+    #: server transaction it could belong to instead (§17.2.3).
+    branch: bytes
+    sent_by: str
+    #: The raw Route lines, in order.
+    routes: tuple[bytes, ...]
+    #: What forwarding changes (§16.6): where the new Via goes (the first Via
+    #: line), and the (start, end, replacement) of the Max-Forwards value and
+    #: of every Route line, in order.
+    first_via: int
+    edits: list[tuple[int, int, bytes]]
+
+
+def scan_ack(data: bytes, max_size: int, max_headers: int) -> ScannedAck | None:
+    """Read an everyday ACK inside a dialog (a To tag, a Route set), or say
+    ``None``: take the general path.
+
+    What it accepts is what ``scan_response`` accepts of the header lines,
+    with the ACK's own: the request line ``ACK sip:... SIP/2.0`` (§7.1), a
+    CSeq of method ACK (§8.1.1.5), a To with a tag (§12.2.1.1), a
+    Max-Forwards above 0 (§16.3 step 3), a Content-Length, at least one Route
+    line and no Proxy-Require (§16.3 step 5), a top Via value in the everyday
+    form with an RFC 3261 branch (§17.2.3)."""
+    if len(data) > max_size:
+        return None
+    start = _ACK_LINE.match(data)
+    if start is None:
+        return None
+    head = start.end()
+    split = header_lines(data, head, max_headers)
+    if split is None:
+        return None
+    lines, end = split
+    slots: list[bytes | None] = [None, None, None, None, None, None, None, None]
+    routes: list[bytes] = []
+    edits: list[tuple[int, int, bytes]] = []
+    first_via = -1
+    at = head
+    for raw in lines:
+        colon = raw.find(b":")
+        if colon < 0:
+            return None
+        key = slot_of(raw[:colon])
+        if key is None:
+            return None
+        line_at, at = at, at + len(raw) + 2
+        if key < 0 or key == REQUIRE:
+            continue
+        if key == VIA:
+            if first_via < 0:
+                first_via = line_at
+                slots[VIA] = raw[colon + 1 :]
+            continue
+        if key == ROUTE:
+            routes.append(raw)
+            edits.append((line_at, at, b""))
+            continue
+        if key == PROXY_REQUIRE or slots[key] is not None:
+            return None  # §16.3 step 5 (420), or a second one: the general path decides
+        value = raw[colon + 1 :]
+        slots[key] = value
+        if key == MAX_FORWARDS:
+            hops = _HOPS.get(value.strip(LWS))
+            if hops is None:
+                return None  # 0 (483), or written oddly
+            # the value replaced in place, its spacing kept (_replace_value)
+            value_at = line_at + raw.rindex(value.strip(LWS), colon)
+            edits.append((value_at, value_at + len(value.strip(LWS)), hops))
+    top_via, from_v, to_v, call_id, cseq, max_fwd, length, _ = slots
+    if (
+        top_via is None
+        or from_v is None
+        or to_v is None
+        or call_id is None
+        or cseq is None
+        or max_fwd is None
+        or length is None
+        or not routes
+        or not length_ok(length, len(data) - end - 4, exact=True)
+        or not call_id_ok(call_id)
+    ):
+        return None
+    number_method = cseq_of(cseq)
+    if number_method is None or number_method[1] != b"ACK":
+        return None
+    comma = top_via.find(b",")
+    via = VIA_RE.match((top_via if comma < 0 else top_via[:comma]).strip(LWS))
+    if via is None:
+        return None
+    _, host, port, paramtext = via.groups()
+    if (port and not 0 < int(port) < 65536) or not paramtext:
+        return None
+    branch = None
+    for item in paramtext[1:].split(b";"):
+        pname, eq, pvalue = item.partition(b"=")
+        if pname.lower() == b"branch":
+            branch = pvalue if eq else b""
+            break
+    if branch is None or not branch.startswith(b"z9hG4bK"):
+        return None
+    if not everyday_name_addr(from_v.strip(LWS)):
+        return None
+    to = NAME_ADDR_RE.match(to_v.strip(LWS))
+    if to is None or to.group(3) is None or not _has_tag(to.group(5)):
+        return None
+    sent_by = host.decode().lower()
+    return ScannedAck(
+        start.group(1),
+        branch,
+        sent_by if port is None else "%s:%d" % (sent_by, int(port)),
+        tuple(routes),
+        first_via,
+        edits,
+    )
+
+
+def _has_tag(paramtext: bytes | None) -> bool:
+    if not paramtext:
+        return False
+    return any(p.partition(b"=")[0].lower() == b"tag" for p in paramtext[1:].split(b";"))
+
+
+def forward_ack(scanned: ScannedAck, data: bytes, via_line: bytes) -> bytes:
+    """The ACK as ``forward`` writes it (§16.6): ``via_line`` (CRLF included)
+    before the first Via line, Max-Forwards one less, the Route lines gone
+    (all of them name this proxy: the caller made sure), every other byte
+    as received."""
+    parts: list[bytes] = []
+    at = 0
+    first_via = scanned.first_via
+    for start, end, replacement in scanned.edits:
+        if at <= first_via < start:
+            parts += (data[at:first_via], via_line)
+            at = first_via
+        parts += (data[at:start], replacement)
+        at = end
+    if at <= first_via:
+        parts += (data[at:first_via], via_line)
+        at = first_via
+    parts.append(data[at:])
+    return b"".join(parts)

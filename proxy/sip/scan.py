@@ -21,7 +21,7 @@ from proxy.sip.headers import _NAME_ADDR_FAST, _VIA_FAST
 TOKEN = re.compile(rb"[A-Za-z0-9\-.!%*_+`'~]+\Z")
 #: Slots of the header fields the fast paths read; Via is 0, the ones the
 #: redirect's response copies come first.
-VIA, FROM, TO, CALL_ID, CSEQ, MAX_FORWARDS, LENGTH, REQUIRE = range(8)
+VIA, FROM, TO, CALL_ID, CSEQ, MAX_FORWARDS, LENGTH, REQUIRE, ROUTE, PROXY_REQUIRE = range(10)
 OTHER = -1
 _KEYS = {
     b"via": VIA,
@@ -37,6 +37,8 @@ _KEYS = {
     b"content-length": LENGTH,
     b"l": LENGTH,
     b"require": REQUIRE,
+    b"route": ROUTE,
+    b"proxy-require": PROXY_REQUIRE,
 }
 #: Header names as written -> their slot, or ``OTHER`` for any other valid
 #: name; filled as names are met (bounded).

@@ -25,11 +25,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.element import Listener
 from proxy.sip.client_transaction import client_key, response_key
 from proxy.sip.message import Response, parse
 from proxy.sip.peer import Peer
 from proxy.sip.proxy_core import strip_own_via
-from proxy.sip.relay import scan_response, strip_top_via
+from proxy.sip.relay import scan_ack, scan_response, strip_top_via
 
 from .sipmsg import CLIENT_VIA, ack_for, cancel_for
 from .test_proxy_element import (
@@ -43,6 +44,7 @@ from .test_proxy_element import (
     Client,
     Fault,
     Network,
+    Node,
     Pool,
     _fold,
     client_in_dialog,
@@ -425,12 +427,19 @@ SCENARIOS: dict[str, Scenario] = {
 
 
 def transcript(scenario: Scenario, fast: bool) -> tuple[list[object], dict[str, int]]:
-    """Every Send of the element with its time, and its counters, after the
-    scenario and every timer to the end."""
+    """Every Send of the element with its time, every note for the log, the
+    targets it marked failed and its counters, after the scenario and every
+    timer to the end."""
     with same_randomness():
         net = scenario(fast)
         net.advance(600.0)
-    return [(at, s.data, s.peer) for at, s in net.sent], dict(net.element.counters)
+    sent: list[object] = [(at, s.data, s.peer) for at, s in net.sent]
+    return sent + net.notes + net.marked, dict(net.element.counters)
+
+
+def sent_data(record: tuple[list[object], dict[str, int]]) -> list[bytes]:
+    """The bytes of every Send in a ``transcript``."""
+    return [entry[1] for entry in record[0] if isinstance(entry, tuple)]
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
@@ -455,3 +464,143 @@ def test_generated_invites_make_the_same_calls_with_and_without_the_fast_path(
         return net
 
     assert transcript(call, fast=True) == transcript(call, fast=False)
+
+
+# the ACK for a 2xx ----------------------------------------------------------------------------
+class Anywhere(dict[tuple[str, int], Node]):
+    """The nodes of a network by address, where an address nobody was put
+    at gets a node that takes what comes (a damaged Route may name any)."""
+
+    def __init__(self, net: Network, nodes: dict[tuple[str, int], Node]) -> None:
+        super().__init__(nodes)
+        self.net = net
+
+    def __missing__(self, key: tuple[str, int]) -> Node:
+        node = self[key] = Node("%s:%d" % key, Peer("udp", *key))
+        node.net = self.net
+        return node
+
+
+def acked(ack_of: Callable[[bytes], bytes], client: Peer = CLIENT_UDP) -> Scenario:
+    """A call answered 200, then the client's ACK as ``ack_of`` writes it
+    from the 200 (its Route set and the pool's Contact)."""
+
+    def run(fast: bool) -> Network:
+        net, uac = _wire(Pool("pool1", POOL1, (180, 200)), fast=fast, client=client)
+        net.nodes = Anywhere(net, net.nodes)
+        uac.call(invite(client))
+        net.advance()
+        (final,) = uac.got(b"SIP/2.0 200 ")
+        uac.send(ack_of(final))
+        return net
+
+    return run
+
+
+def everyday_ack(final: bytes, client: Peer = CLIENT_UDP) -> bytes:
+    """The ACK a legacy client sends for ``final`` (SIPp's proxy_uac.xml
+    writes the same lines)."""
+    return client_in_dialog("ACK", final, cseq=1, peer=client)
+
+
+@pytest.mark.parametrize("client", [CLIENT_UDP, CLIENT_TCP])
+def test_an_everyday_ack_takes_the_fast_path_to_the_pool(client: Peer) -> None:
+    seen: list[bytes] = []
+
+    def ack_of(final: bytes) -> bytes:
+        seen.append(everyday_ack(final, client))
+        return seen[-1]
+
+    fast = transcript(acked(ack_of, client), fast=True)
+    assert fast == transcript(acked(ack_of, client), fast=False)
+    assert scan_ack(seen[0], 65535, 128) is not None
+    (at_pool,) = [data for data in sent_data(fast) if data.startswith(b"ACK ")]
+    assert b"Route" not in at_pool and b"Max-Forwards: 69\r\n" in at_pool
+    assert fast[1]["in_dialog"] == 1
+
+
+#: Changes to the everyday ACK: (what, into what), applied in turn.
+ACK_CHANGES: list[tuple[bytes, bytes]] = [
+    (b"Max-Forwards: 70", b"Max-Forwards: 0"),
+    (b"Max-Forwards: 70", b"Max-Forwards:  1 "),
+    (b"Max-Forwards: 70", b"Max-Forwards: 070"),
+    (b"Max-Forwards: 70\r\n", b""),
+    (b"Max-Forwards: 70", b"Max-Forwards: 70\r\nMax-Forwards: 70"),
+    (b"Content-Length: 0\r\n", b""),
+    (b"Content-Length: 0", b"Content-Length: 1"),
+    (b"Content-Length: 0", b"l: 0"),
+    (b"CSeq: 1 ACK", b"CSeq: 1 BYE"),
+    (b"CSeq: 1 ACK", b"CSeq: 1\tACK"),
+    (b"Call-ID: ", b"i: "),
+    (b"From: ", b"f:"),
+    (b"To: ", b"t :"),
+    (b";tag=p1", b""),
+    (b";tag=p1", b";TAG=p1"),
+    (b"Route: ", b"Proxy-Require: ms-x\r\nRoute: "),
+    (b"Route: ", b"Require: ms-x\r\nroute:"),
+    (b">, <", b">\r\nRoute: <"),
+    (b">, <", b">,\r\n <"),
+    (b";lr>\r\n", b";lr>, <sip:fe1.contoso.com;lr>\r\n"),
+    (b";lr>\r\n", b";lr>\r\nRoute: <sip:10.0.0.7:5060;lr>\r\n"),
+    (b"Route: <", b"Route: <sip:fe1.contoso.com;lr>, <"),
+    (b"Route: <sip:", b"Route: <sip:x"),
+    (
+        b".",
+        b"!",
+    ),
+    (b"Route: <", b'Route: "Us" <'),
+    (b"ACK sip:", b"ACK sips:"),
+    (b"ACK sip:", b"ACK  sip:"),
+    (b"ACK sip:pool@192.0.2.21:5060", b"ACK sip:pool@pool.contoso.com"),
+    (b"ACK sip:pool@192.0.2.21:5060", b"ACK sip:pool@192.0.2.21:5060;transport=tcp"),
+    (b"ACK sip:pool@192.0.2.21:5060", b"ACK sip:pool@[2001:db8::21]"),
+    (b"Via: ", b"v: "),
+    (b";rport\r\n", b";rport, SIP/2.0/UDP 192.0.2.99;branch=z9hG4bK-x\r\n"),
+    (b"branch=z9hG4bK-", b"branch=old-"),
+    (b"\r\nVia:", b"\r\nVia: SIP/2.0/UDP 10.9.9.9;branch=z9hG4bKfront\r\nVia:"),
+]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    changes=st.lists(st.sampled_from(ACK_CHANGES), max_size=3),
+    client=st.sampled_from([CLIENT_UDP, CLIENT_TCP]),
+)
+def test_generated_acks_are_forwarded_alike_with_and_without_the_fast_path(
+    changes: list[tuple[bytes, bytes]], client: Peer
+) -> None:
+    def ack_of(final: bytes) -> bytes:
+        ack = everyday_ack(final, client)
+        for old, new in changes:
+            ack = ack.replace(old, new, 1)
+        return ack
+
+    assert transcript(acked(ack_of, client), fast=True) == transcript(
+        acked(ack_of, client), fast=False
+    )
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cut=st.integers(0, 400), junk=st.binary(max_size=3) | st.just(b"\r\n "))
+def test_a_damaged_ack_is_forwarded_or_left_alike(cut: int, junk: bytes) -> None:
+    def ack_of(final: bytes) -> bytes:
+        ack = everyday_ack(final)
+        return ack[:cut] + junk + ack[cut:]
+
+    assert transcript(acked(ack_of), fast=True) == transcript(acked(ack_of), fast=False)
+
+
+def test_where_an_ack_goes_is_worked_out_again_when_the_listeners_change() -> None:
+    """Which Routes name this proxy depends on its listeners: an ACK whose
+    Route names an address it no longer listens on is not forwarded."""
+    net, uac = _wire(Pool("pool1", POOL1, (180, 200)), fast=True)
+    uac.call(invite())
+    net.advance()
+    (final,) = uac.got(b"SIP/2.0 200 ")
+    uac.send(everyday_ack(final))
+    net.advance()
+    net.element.set_listeners([Listener("udp", "127.0.0.9", 5070, 0)])
+    uac.send(everyday_ack(final).replace(b"z9hG4bK-ACK1", b"z9hG4bK-ACK2"))
+    net.advance()
+    assert [s.data[:4] for _, s in net.sent].count(b"ACK ") == 1
+    assert net.element.counters["forged_route"] == 1  # no Route of ours: dropped
