@@ -144,8 +144,8 @@ class ElementConfig:
     #: Answer everyday INVITEs and SUBSCRIBEs for redirect endpoints through
     #: ``proxy.sip.redirect`` (same bytes, a fraction of the work).
     fast_redirect: bool = True
-    #: Pass everyday responses of proxied requests on through
-    #: ``proxy.sip.relay`` (same bytes, without the general parser).
+    #: Pass everyday responses of proxied requests, and ACKs for 2xx, on
+    #: through ``proxy.sip.relay`` (same bytes, without the general parser).
     fast_relay: bool = True
 
 

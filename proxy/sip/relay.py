@@ -1,4 +1,4 @@
-"""The proxy's fast path for responses: one scan of an everyday response.
+"""The proxy's fast paths: one scan of an everyday response or ACK.
 
 Theory of operation
 -------------------
@@ -31,10 +31,23 @@ general path, which handles it exactly as before.  What it accepts:
 * a Content-Length the body fills exactly (§18.3): neither short, which the
   general parser refuses, nor long, which it cuts.
 
+The ACK for a 2xx travels end to end through every proxy on the route set
+(§13.2.2.4, §16.11): pcproxy forwards it statelessly.  ``scan_ack`` reads an
+everyday one (the same header rules, plus a To tag, a Route set, a
+Max-Forwards above 0 and no Proxy-Require) and ``forward_ack`` writes what
+``forward`` would: pcproxy's Via before the first Via line, Max-Forwards
+one less in place, the Route lines gone.  Where it goes and the Via's text
+up to the branch's unique part depend only on the Route lines and the
+Request-URI, which the element works out once per dialog with the general
+path's own code (``Element._ack_way``); an ACK that keeps a Route of
+someone else's, comes from a strict router or names a host to resolve takes
+the general path.
+
 ``tests/unit/test_relay_fast.py`` holds the proof: for generated responses,
 damaged ones and the RFC 4475/5118 corpus, the scan agrees with the general
-parser wherever it does not give up, and an element with the fast path
-sends the same bytes as one without it through whole calls.
+parser wherever it does not give up, and an element with the fast paths
+sends the same bytes as one without them through whole calls, and for
+generated and damaged ACKs.
 """
 
 from __future__ import annotations
