@@ -54,7 +54,8 @@ from proxy.sip.scan import (
     call_id_ok,
     cseq_of,
     everyday_name_addr,
-    header_lines,
+    has_tag,
+    header_section,
     length_ok,
     slot_of,
 )
@@ -95,15 +96,10 @@ def scan(data: bytes, max_size: int, max_headers: int) -> Scanned | None:
 
     Written for speed (it runs once per call): one pass over the header
     lines that only slices the name of a line it does not need."""
-    if len(data) > max_size:
+    section = header_section(data, _REQUEST_LINE, max_size, max_headers)
+    if section is None:
         return None
-    start = _REQUEST_LINE.match(data)
-    if start is None:
-        return None
-    split = header_lines(data, start.end(), max_headers)
-    if split is None:
-        return None
-    lines, end = split
+    start, lines, end = section
     vias: list[bytes] = []
     copied: list[bytes] = []
     slots: list[bytes | None] = [None, None, None, None, None, None, None, None]
@@ -180,7 +176,7 @@ def scan(data: bytes, max_size: int, max_headers: int) -> Scanned | None:
         if addr is None or addr.group(3) is None:
             return None
         if addr.group(5):
-            if _has_tag(addr.group(5)):
+            if has_tag(addr.group(5)):
                 return None
         elif len(_plain_to) < NAMES_MAX and len(to_v) <= LONGEST:
             _plain_to.add(to_v)
@@ -198,10 +194,6 @@ def scan(data: bytes, max_size: int, max_headers: int) -> Scanned | None:
         copied,
         to_index,
     )
-
-
-def _has_tag(paramtext: bytes) -> bool:
-    return any(p.partition(b"=")[0].lower() == b"tag" for p in paramtext[1:].split(b";"))
 
 
 def build_final(

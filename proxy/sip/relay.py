@@ -64,10 +64,12 @@ from proxy.sip.scan import (
     ROUTE,
     VIA,
     VIA_RE,
+    branch_of,
     call_id_ok,
     cseq_of,
     everyday_name_addr,
-    header_lines,
+    has_tag,
+    header_section,
     length_ok,
     slot_of,
 )
@@ -98,16 +100,11 @@ def scan_response(data: bytes, max_size: int, max_headers: int) -> ScannedRespon
 
     Written for speed (it runs for every response a proxied call brings):
     one pass over the header lines that slices only the names."""
-    if len(data) > max_size:
+    section = header_section(data, _STATUS_LINE, max_size, max_headers)
+    if section is None:
         return None
-    start = _STATUS_LINE.match(data)
-    if start is None:
-        return None
+    start, lines, end = section
     head = start.end()
-    split = header_lines(data, head, max_headers)
-    if split is None:
-        return None
-    lines, end = split
     slots: list[bytes | None] = [None, None, None, None, None, None, None, None]
     top: bytes | None = None
     vias = 0
@@ -164,12 +161,7 @@ def scan_response(data: bytes, max_size: int, max_headers: int) -> ScannedRespon
     port, paramtext = via.group(3), via.group(4)
     if (port and not 0 < int(port) < 65536) or not paramtext:
         return None
-    branch = None
-    for item in paramtext[1:].split(b";"):
-        pname, eq, pvalue = item.partition(b"=")
-        if pname.lower() == b"branch":
-            branch = pvalue if eq else b""
-            break
+    branch = branch_of(paramtext)
     if not branch:
         return None
     if not everyday_name_addr(from_v.strip(LWS)) or not everyday_name_addr(to_v.strip(LWS)):
@@ -227,21 +219,15 @@ def scan_ack(data: bytes, max_size: int, max_headers: int) -> ScannedAck | None:
     Max-Forwards above 0 (§16.3 step 3), a Content-Length, at least one Route
     line and no Proxy-Require (§16.3 step 5), a top Via value in the everyday
     form with an RFC 3261 branch (§17.2.3)."""
-    if len(data) > max_size:
+    section = header_section(data, _ACK_LINE, max_size, max_headers)
+    if section is None:
         return None
-    start = _ACK_LINE.match(data)
-    if start is None:
-        return None
-    head = start.end()
-    split = header_lines(data, head, max_headers)
-    if split is None:
-        return None
-    lines, end = split
+    start, lines, end = section
     slots: list[bytes | None] = [None, None, None, None, None, None, None, None]
     routes: list[bytes] = []
     edits: list[tuple[int, int, bytes]] = []
     first_via = -1
-    at = head
+    at = start.end()
     for raw in lines:
         colon = raw.find(b":")
         if colon < 0:
@@ -296,18 +282,13 @@ def scan_ack(data: bytes, max_size: int, max_headers: int) -> ScannedAck | None:
     _, host, port, paramtext = via.groups()
     if (port and not 0 < int(port) < 65536) or not paramtext:
         return None
-    branch = None
-    for item in paramtext[1:].split(b";"):
-        pname, eq, pvalue = item.partition(b"=")
-        if pname.lower() == b"branch":
-            branch = pvalue if eq else b""
-            break
+    branch = branch_of(paramtext)
     if branch is None or not branch.startswith(b"z9hG4bK"):
         return None
     if not everyday_name_addr(from_v.strip(LWS)):
         return None
     to = NAME_ADDR_RE.match(to_v.strip(LWS))
-    if to is None or to.group(3) is None or not _has_tag(to.group(5)):
+    if to is None or to.group(3) is None or not has_tag(to.group(5)):
         return None
     sent_by = host.decode().lower()
     return ScannedAck(
@@ -318,12 +299,6 @@ def scan_ack(data: bytes, max_size: int, max_headers: int) -> ScannedAck | None:
         first_via,
         edits,
     )
-
-
-def _has_tag(paramtext: bytes | None) -> bool:
-    if not paramtext:
-        return False
-    return any(p.partition(b"=")[0].lower() == b"tag" for p in paramtext[1:].split(b";"))
 
 
 def forward_ack(scanned: ScannedAck, data: bytes, via_line: bytes) -> bytes:

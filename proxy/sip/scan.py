@@ -108,6 +108,44 @@ def header_lines(data: bytes, head: int, max_headers: int) -> tuple[list[bytes],
     return lines, end
 
 
+def header_section(
+    data: bytes, start_line: re.Pattern[bytes], max_size: int, max_headers: int
+) -> tuple[re.Match[bytes], list[bytes], int] | None:
+    """The start line of ``data`` as ``start_line`` matches it (CRLF
+    included), its header lines and the offset of the CRLF CRLF that ends
+    them (``header_lines``); None for a message over ``max_size``, another
+    start line or header lines the general parser must read."""
+    if len(data) > max_size:
+        return None
+    start = start_line.match(data)
+    if start is None:
+        return None
+    split = header_lines(data, start.end(), max_headers)
+    if split is None:
+        return None
+    return start, split[0], split[1]
+
+
+def branch_of(paramtext: bytes) -> bytes | None:
+    """The first ``branch`` parameter of an everyday Via's parameters
+    (``;name=value...``, as ``VIA_RE`` matched them), as ``Via.branch``
+    reads it: b"" for one without a value, None for none."""
+    for item in paramtext[1:].split(b";"):
+        name, eq, value = item.partition(b"=")
+        if name.lower() == b"branch":
+            return value if eq else b""
+    return None
+
+
+def has_tag(paramtext: bytes | None) -> bool:
+    """Whether a name-addr's parameters (as ``NAME_ADDR_RE`` matched them)
+    hold a ``tag`` (§19.3), with a value or without, as ``NameAddr.tag``
+    reads them."""
+    if not paramtext:
+        return False
+    return any(p.partition(b"=")[0].lower() == b"tag" for p in paramtext[1:].split(b";"))
+
+
 def everyday_name_addr(value: bytes) -> bool:
     """Whether a From or To value (stripped) is an everyday name-addr with a
     simple SIP URI, which ``NameAddr.parse`` reads without error."""
