@@ -580,6 +580,37 @@ def test_generated_acks_are_forwarded_alike_with_and_without_the_fast_path(
     )
 
 
+def reordered(ack: bytes, first: tuple[bytes, ...]) -> bytes:
+    """``ack`` with the header lines named by ``first`` moved to the top."""
+    head, _, body = ack.partition(b"\r\n\r\n")
+    start, *lines = head.split(b"\r\n")
+    moved = [line for line in lines if line.startswith(first)]
+    rest = [line for line in lines if not line.startswith(first)]
+    return b"\r\n".join([start, *moved, *rest]) + b"\r\n\r\n" + body
+
+
+@pytest.mark.parametrize(
+    "first", [(b"Route:",), (b"Max-Forwards:", b"Route:"), (b"Max-Forwards:",), (b"CSeq:",)]
+)
+def test_our_via_goes_before_the_first_via_wherever_the_edited_lines_are(
+    first: tuple[bytes, ...],
+) -> None:
+    seen: list[bytes] = []
+
+    def ack_of(final: bytes) -> bytes:
+        seen.append(reordered(everyday_ack(final), first))
+        return seen[-1]
+
+    fast = transcript(acked(ack_of), fast=True)
+    assert fast == transcript(acked(ack_of), fast=False)
+    assert scan_ack(seen[0], 65535, 128) is not None
+    (at_pool,) = [data for data in sent_data(fast) if data.startswith(b"ACK ")]
+    lines = at_pool.split(b"\r\n")
+    theirs = next(i for i, line in enumerate(lines) if line.startswith(b"Via: SIP/2.0/UDP 192."))
+    assert lines[theirs - 1].startswith(b"Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK")
+    assert not any(line.startswith(b"Route:") for line in lines)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cut=st.integers(0, 400), junk=st.binary(max_size=3) | st.just(b"\r\n "))
 def test_a_damaged_ack_is_forwarded_or_left_alike(cut: int, junk: bytes) -> None:
