@@ -46,6 +46,7 @@ from proxy.sip.scan import (
     LWS,
     MAX_FORWARDS,
     NAME_ADDR_RE,
+    NAMES,
     NAMES_MAX,
     REQUIRE,
     TO,
@@ -104,13 +105,16 @@ def scan(data: bytes, max_size: int, max_headers: int) -> Scanned | None:
     copied: list[bytes] = []
     slots: list[bytes | None] = [None, None, None, None, None, None, None, None]
     to_index = -1
+    names = NAMES
     for raw in lines:
         colon = raw.find(b":")
         if colon < 0:
             return None
-        key = slot_of(raw[:colon])
+        key = names.get(raw[:colon])
         if key is None:
-            return None
+            key = slot_of(raw[:colon])
+            if key is None:
+                return None
         if key < 0 or key > REQUIRE:
             continue  # Route and Proxy-Require mean nothing to a redirect server
         if key == VIA:

@@ -59,6 +59,7 @@ from proxy.sip.scan import (
     LWS,
     MAX_FORWARDS,
     NAME_ADDR_RE,
+    NAMES,
     PROXY_REQUIRE,
     REQUIRE,
     ROUTE,
@@ -108,13 +109,16 @@ def scan_response(data: bytes, max_size: int, max_headers: int) -> ScannedRespon
     slots: list[bytes | None] = [None, None, None, None, None, None, None, None]
     top: bytes | None = None
     vias = 0
+    names = NAMES
     for raw in lines:
         colon = raw.find(b":")
         if colon < 0:
             return None
-        key = slot_of(raw[:colon])
+        key = names.get(raw[:colon])
         if key is None:
-            return None
+            key = slot_of(raw[:colon])
+            if key is None:
+                return None
         if key < 0 or key >= REQUIRE:
             continue  # Require, Route, Proxy-Require: read by no one in a response
         if key == VIA:
@@ -228,13 +232,16 @@ def scan_ack(data: bytes, max_size: int, max_headers: int) -> ScannedAck | None:
     edits: list[tuple[int, int, bytes]] = []
     first_via = -1
     at = start.end()
+    names = NAMES
     for raw in lines:
         colon = raw.find(b":")
         if colon < 0:
             return None
-        key = slot_of(raw[:colon])
+        key = names.get(raw[:colon])
         if key is None:
-            return None
+            key = slot_of(raw[:colon])
+            if key is None:
+                return None
         line_at, at = at, at + len(raw) + 2
         if key < 0 or key == REQUIRE:
             continue

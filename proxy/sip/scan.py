@@ -41,8 +41,9 @@ _KEYS = {
     b"proxy-require": PROXY_REQUIRE,
 }
 #: Header names as written -> their slot, or ``OTHER`` for any other valid
-#: name; filled as names are met (bounded).
-_names: dict[bytes, int] = {
+#: name; filled as names are met (bounded).  The scans look a name up here
+#: first, and call ``slot_of`` only for one not met before.
+NAMES: dict[bytes, int] = {
     **_KEYS,
     **{k.title(): v for k, v in _KEYS.items()},
     b"Call-ID": CALL_ID,
@@ -74,15 +75,15 @@ _everyday: set[bytes] = set()
 def slot_of(name: bytes) -> int | None:
     """The slot of a header name as written, ``OTHER`` for another valid
     name, None for an invalid one (folding, a bad character)."""
-    known = _names.get(name)
+    known = NAMES.get(name)
     if known is not None:
         return known
     stripped = name.rstrip(LWS)
     if not TOKEN.match(stripped):
         return None
     key = _KEYS.get(stripped.lower(), OTHER)
-    if len(_names) < NAMES_MAX and len(name) <= LONGEST:
-        _names[name] = key
+    if len(NAMES) < NAMES_MAX and len(name) <= LONGEST:
+        NAMES[name] = key
     return key
 
 
@@ -170,9 +171,13 @@ def cseq_of(value: bytes) -> tuple[bytes, bytes] | None:
     number, method = parts
     if not number.isdigit() or len(number) > 10 or int(number) >= CSEQ_LIMIT:
         return None
-    if not TOKEN.match(method):
+    if method not in _METHODS and not TOKEN.match(method):
         return None
     return number, method
+
+
+#: The methods of the CSeqs the scans meet, known to be tokens.
+_METHODS = frozenset((b"INVITE", b"ACK", b"BYE", b"CANCEL", b"SUBSCRIBE", b"INFO", b"UPDATE"))
 
 
 def call_id_ok(value: bytes) -> bool:

@@ -441,7 +441,7 @@ def test_the_caches_keep_no_long_values() -> None:
         b"To: <sip:ocschat@contoso.com>", b"To: " + long_to.encode()
     ).replace(b"Supported: ms-sender", long_name + b": 1")
     assert scan(data, 65535, 128) is not None
-    assert long_name not in scanning._names
+    assert long_name not in scanning.NAMES
     assert long_to.encode() not in redirect._plain_to
     headers.NameAddr.parse(long_to)
     assert long_to not in headers._recurring
