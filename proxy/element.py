@@ -121,7 +121,13 @@ DIAG_RATE_LIMITED = 52008
 #: The timers of a client transaction (§17.1), and pcproxy's own give-up
 #: for a CANCELled INVITE branch that never ends (§9.1).
 GIVE_UP = "Z"
-CLIENT_TIMERS = "ABDEFK" + GIVE_UP
+#: The timers a client transaction can arm, by kind (§17.1.1.2, §17.1.2.2),
+#: with the INVITE's give-up after its CANCEL: what ending one cancels.
+INVITE_CLIENT_TIMERS = "ABD" + GIVE_UP
+NON_INVITE_CLIENT_TIMERS = "EFK"
+#: The timers of a context: T (target_timeout) for every request; C (§16.8),
+#: L (the 2xx retransmission window) and X (§9.1) for an INVITE only.
+INVITE_CONTEXT_TIMERS = "TCLX"
 DIALOG_CREATING = frozenset(("INVITE", "SUBSCRIBE", "REFER", "NOTIFY"))
 
 
@@ -1265,7 +1271,7 @@ class Element:
     def _end_client(self, key: tuple[str, str]) -> None:
         """Forget a client transaction and every timer it armed."""
         self.clients.pop(key, None)
-        for name in CLIENT_TIMERS:
+        for name in INVITE_CLIENT_TIMERS if key[1] == "INVITE" else NON_INVITE_CLIENT_TIMERS:
             self.timers.cancel(key, name)
 
     def _receive_response(
@@ -1500,7 +1506,7 @@ class Element:
         self.contexts.pop(ctx.ref, None)
         if ctx.server is not None:
             self._by_server.pop(ctx.server.key, None)
-        for name in "TCLX":
+        for name in INVITE_CONTEXT_TIMERS if ctx.method == "INVITE" else "T":
             self.timers.cancel(ctx, name)
 
     def _reject_malformed(self, exc: SipError, peer: Peer) -> list[Send]:
@@ -1547,7 +1553,7 @@ class Element:
             elif isinstance(action, StopTimer):
                 self.timers.cancel(txn.key, action.name)
             elif isinstance(action, Terminated):
-                for name in ("G", "H", "I", "J"):
+                for name in "GHI" if isinstance(txn, InviteServerTransaction) else "J":
                     self.timers.cancel(txn.key, name)
                 self.transactions.pop(txn.key, None)
         return out
