@@ -481,6 +481,8 @@ class Element:
         self._redirects_of: Snapshot | None = None
         #: (Route lines, Request-URI, tokens checked) -> ``_own_routes``.
         self._routed: dict[tuple[tuple[str, ...], str, bool], OwnRoutes] = {}
+        #: (transport, IPv6?) of a target -> ``_listener_for``'s socket.
+        self._listener_by: dict[tuple[str, bool], Listener | None] = {}
         #: (Route lines, Request-URI) of an ACK -> ``_ack_way``.
         self._ack_ways: dict[tuple[tuple[bytes, ...], bytes], tuple[bytes, bytes, Peer] | None] = {}
 
@@ -493,6 +495,7 @@ class Element:
         self.listeners = list(listeners)
         self._routed.clear()  # which Routes are ours may change
         self._ack_ways.clear()
+        self._listener_by.clear()
         self._addresses = {(lst.host.lower(), lst.port) for lst in listeners}
         self._addresses.update((host.lower(), port) for host, port in others)
 
@@ -1209,12 +1212,23 @@ class Element:
         if flow is not None:
             return self._listener_of(flow)
         v6 = ":" in target.address
+        try:
+            return self._listener_by[(target.transport, v6)]
+        except KeyError:
+            pass
+        found = self._listener_by[(target.transport, v6)] = self._choose_listener(
+            target.transport, v6
+        )
+        return found
+
+    def _choose_listener(self, transport: str, v6: bool) -> Listener | None:
+        """``_listener_for`` worked out, for ``set_listeners``' sockets."""
         family = [lst for lst in self.listeners if (":" in lst.host) == v6]
         family.sort(key=lambda lst: not lst.pool_side)  # this worker's own first
         for lst in family:
-            if lst.transport == target.transport:
+            if lst.transport == transport:
                 return lst
-        if target.transport == "udp":
+        if transport == "udp":
             return None  # a datagram must leave by a UDP socket
         for lst in family:
             if lst.transport != "udp":

@@ -163,6 +163,8 @@ def validate_request(
         raise TooManyHops("Max-Forwards is 0")
     if secret is not None and is_my_via is not None:
         _check_loop(req, secret, is_my_via)
+    if "proxy-require" not in req.keys:
+        return  # nearly every request: no lines to read
     tags = option_tags(req.get_all("proxy-require"))
     unsupported = [tag for tag in tags if tag not in supported]
     if unsupported:

@@ -999,6 +999,23 @@ def test_a_route_set_is_judged_again_when_the_listeners_change() -> None:
     assert len(pool.got(b"INFO ")) == 1
 
 
+def test_the_via_names_the_listeners_of_the_moment() -> None:
+    """Which socket a request leaves by is remembered per transport and
+    family, for the listeners it was worked out with: after new listeners,
+    the next INVITE's Via and Record-Route name the new one."""
+    pool = Pool("pool1", POOL1, (180, 200))
+    net, uac = wire(pool)
+    uac.call(invite())
+    net.advance()
+    net.element.set_listeners([Listener("udp", "127.0.0.9", 5070, 0)])
+    uac.call(invite(branch="z9hG4bK-c2", call_id="call-2@client.contoso.com"))
+    net.advance()
+    first, second = pool.got(b"INVITE ")
+    assert field_values(first, "via")[0].startswith(b"SIP/2.0/UDP 127.0.0.1:5060;")
+    assert field_values(second, "via")[0].startswith(b"SIP/2.0/UDP 127.0.0.9:5070;")
+    assert b"@127.0.0.9:5070;transport=udp;lr>" in field_values(second, "record-route")[0]
+
+
 def test_a_long_route_set_is_worked_out_but_not_remembered() -> None:
     net, uac, pool = full_call()
     (ok,) = uac.got(b"SIP/2.0 200 ")
