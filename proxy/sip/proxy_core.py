@@ -296,13 +296,6 @@ def preprocess_route(req: Request, is_mine: Callable[[str], bool]) -> Request:
 RouteLines = list[tuple[int, str]]
 
 
-def route_lines(req: Request) -> RouteLines:
-    """The Route lines of ``req``, numbered, for ``preprocess_routes``."""
-    return list(
-        enumerate(raw for key, raw in zip(req.keys, req.lines, strict=True) if key == "route")
-    )
-
-
 def preprocess_routes(routes: RouteLines, uri: str, is_mine: Callable[[str], bool]) -> str:
     """``preprocess_route`` on the Route lines alone (§16.4): edits ``routes``
     in place (a line cut or removed) and returns the Request-URI.  It reads

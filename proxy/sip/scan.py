@@ -3,7 +3,7 @@
 The general parser (``proxy.sip.message``) decodes a whole message, names
 every line and validates what every element needs (RFC 3261 §7, §8.2, §18.3).
 The fast paths (``proxy.sip.redirect`` for the 302, ``proxy.sip.relay`` for
-the responses a proxy passes on) read only the lines they need, over the
+the responses and the ACKs a proxy passes on) read only the lines they need, over the
 received bytes, and give up (``None``) on anything the general parser would
 read differently or refuse; the caller then takes the general path.  What
 they share lives here: the split into header lines, the names of the lines

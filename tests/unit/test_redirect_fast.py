@@ -437,12 +437,20 @@ def test_the_caches_keep_no_long_values() -> None:
 
     long_name = b"X-" + b"a" * 300
     long_to = '"%s" <sip:ocschat@contoso.com>' % ("b" * 300)
-    data = SIPP_INVITE.replace(
-        b"To: <sip:ocschat@contoso.com>", b"To: " + long_to.encode()
-    ).replace(b"Supported: ms-sender", long_name + b": 1")
+    long_from = b'From: "%s" <sip:user7@contoso.com>;tag=7' % (b"c" * 300)
+    data = (
+        SIPP_INVITE.replace(b"To: <sip:ocschat@contoso.com>", b"To: " + long_to.encode())
+        .replace(b"Supported: ms-sender", long_name + b": 1")
+        .replace(SIPP_INVITE.split(b"\r\n")[3], long_from)
+    )
     assert scan(data, 65535, 128) is not None
     assert long_name not in scanning.NAMES
     assert long_to.encode() not in redirect._plain_to
+    assert long_from[6:] not in scanning._everyday
+    assert scan(SIPP_INVITE, 65535, 128) is not None  # a short From is remembered
+    assert b'"Chat Client 7" <sip:user7@contoso.com>;tag=7SIPpTag007;epid=5eb17' in (
+        scanning._everyday
+    )
     headers.NameAddr.parse(long_to)
     assert long_to not in headers._recurring
 
