@@ -1,16 +1,22 @@
-"""The proxy's fast path for responses (``proxy.sip.relay``) passes every
-response on exactly as the general path does.
+"""The proxy's fast paths (``proxy.sip.relay``) pass every response and
+every ACK for a 2xx on exactly as the general path does.
 
-Two proofs.  Where ``scan_response`` reads a response at all, the general
-parser reads it too, without error, and agrees on the status, the client
-transaction's key (RFC 3261 §17.1.3) and the bytes passed on without
+Responses, two proofs.  Where ``scan_response`` reads a response at all, the
+general parser reads it too, without error, and agrees on the status, the
+client transaction's key (RFC 3261 §17.1.3) and the bytes passed on without
 pcproxy's Via (§16.7 step 9): checked for generated responses with every
 oddity the scan must leave to the general parser (§7.3.1 folding and
 duplicates, §18.3 framing, §20.16 CSeq, comma-joined Vias), for damaged
 everyday responses and for the RFC 4475/5118 corpus.  And two elements, one
-with the fast path and one without, send the same bytes at the same times
+with the fast paths and one without, send the same bytes at the same times
 through whole proxied calls: answered, refused, failed over, cancelled,
 duplicated, with the dialog's requests in both directions.
+
+ACKs: the same two elements, after a call answered 200, get the client's
+ACK as SIPp writes it, changed in every way the general path must see
+(§16.3 Max-Forwards and Proxy-Require, §16.4 Routes of someone else's or a
+strict router's, §16.6 step 8 where our Via goes, names to resolve,
+damaged bytes), and must send the same.
 """
 
 from __future__ import annotations
