@@ -324,14 +324,35 @@ def serve_command(
     help="TLS: PEM CA bundle the server's certificate must chain to (default: system CAs).",
 )
 @click.option("--insecure", is_flag=True, help="TLS: do not verify the server's certificate.")
+@click.option(
+    "--cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="TLS: PEM certificate to present when the server asks for one (mutual TLS); "
+    "its private key in the same file, or in --key.",
+)
+@click.option(
+    "--key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="TLS: PEM private key of --cert.",
+)
 def ping_command(
-    target: str, transport: str, timeout: float, ca: Path | None, insecure: bool
+    target: str,
+    transport: str,
+    timeout: float,
+    ca: Path | None,
+    insecure: bool,
+    cert: Path | None,
+    key: Path | None,
 ) -> None:
     """Send OPTIONS to a running pcproxy; exit 0 if it answers 200.
 
     The container HEALTHCHECK uses it.  Any other answer, or none within
     --timeout, exits 1 with one line saying what happened.  Over TLS the
-    server's certificate must name HOST (RFC 5922) unless --insecure.
+    server's certificate must name HOST (RFC 5922) unless --insecure; a
+    listener that requires client certificates ([tls]
+    require_client_certificate) is reached with --cert (and --key).
     """
     try:
         host, port = split_hostport(target)
@@ -346,8 +367,21 @@ def ping_command(
         if insecure:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
-    elif ca is not None or insecure:
-        raise _BadInput("--ca and --insecure need --transport tls")
+        if key is not None and cert is None:
+            raise _BadInput("--key needs --cert")
+        if cert is not None:
+            what = "--cert '%s'" % cert + ("" if key is None else " with --key '%s'" % key)
+            try:
+                context.load_cert_chain(str(cert), None if key is None else str(key))
+            except ssl.SSLError as exc:
+                raise _BadInput(
+                    "%s cannot be used: not a PEM certificate with its private key (%s)"
+                    % (what, exc.reason or exc)
+                ) from None
+            except OSError as exc:
+                raise _BadInput("%s cannot be used: %s" % (what, exc.strerror or exc)) from None
+    elif ca is not None or insecure or cert is not None or key is not None:
+        raise _BadInput("--ca, --insecure, --cert and --key need --transport tls")
     try:
         result = ping(host, port, transport, timeout, context=context)
     except TimeoutError:

@@ -85,7 +85,74 @@ def test_ping_udp_gets_the_status_of_the_answer() -> None:
     assert result.stdout.startswith("127.0.0.1:%d: 503 Service Unavailable in " % port)
 
 
-def test_ping_tls_options_need_tls() -> None:
-    result = run("ping", "127.0.0.1:5060", "--insecure")
+@pytest.mark.parametrize("option", [("--insecure",), ("--cert", "c.pem"), ("--key", "k.pem")])
+def test_ping_tls_options_need_tls(option: tuple[str, ...]) -> None:
+    result = run("ping", "127.0.0.1:5060", *option)
     assert result.exit_code == EXIT_BAD_INPUT
-    assert result.stderr == "pcproxy: error: --ca and --insecure need --transport tls\n"
+    assert result.stderr == (
+        "pcproxy: error: --ca, --insecure, --cert and --key need --transport tls\n"
+    )
+
+
+@pytest.fixture
+def mutual_tls_server(tmp_path: Path) -> Iterator[tuple[int, Path, trustme.CA]]:
+    """A TLS server for 127.0.0.1 that demands a client certificate of its
+    CA (as a listener with require_client_certificate does); yields its port,
+    the CA file and the CA."""
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    ca.configure_trust(context)
+    context.verify_mode = ssl.CERT_REQUIRED
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    listener, thread = answer_once_over_tls(context)
+    yield listener.getsockname()[1], ca_file, ca
+    thread.join(5)
+    listener.close()
+
+
+@pytest.mark.parametrize("one_file", [True, False])
+def test_ping_presents_a_client_certificate_to_a_mutual_tls_listener(
+    mutual_tls_server: tuple[int, Path, trustme.CA], tmp_path: Path, one_file: bool
+) -> None:
+    port, ca_file, ca = mutual_tls_server
+    client = ca.issue_cert("pcproxy-health.contoso.com")
+    cert_file, key_file = tmp_path / "client.pem", tmp_path / "client.key"
+    if one_file:
+        client.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+        keys: tuple[str, ...] = ()
+    else:
+        client.cert_chain_pems[0].write_to_path(str(cert_file))
+        client.private_key_pem.write_to_path(str(key_file))
+        keys = ("--key", str(key_file))
+    args = ("--transport", "tls", "--ca", str(ca_file), "--cert", str(cert_file), *keys)
+    result = run("ping", "127.0.0.1:%d" % port, *args)
+    assert result.exit_code == 0, result.stderr
+    assert re.fullmatch(r"127\.0\.0\.1:\d+: 200 OK in \d+\.\d ms\n", result.stdout)
+
+
+def test_ping_without_a_certificate_is_refused_by_a_mutual_tls_listener(
+    mutual_tls_server: tuple[int, Path, trustme.CA],
+) -> None:
+    port, ca_file, _ = mutual_tls_server
+    result = run("ping", "127.0.0.1:%d" % port, "--transport", "tls", "--ca", str(ca_file))
+    assert result.exit_code == EXIT_REFUSED
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_ping_names_a_certificate_it_cannot_use(tmp_path: Path) -> None:
+    missing = tmp_path / "nothing.pem"
+    result = run("ping", "127.0.0.1:5061", "--transport", "tls", "--cert", str(missing))
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert result.stderr.startswith("pcproxy: error: --cert '%s' cannot be used: " % missing)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    result = run("ping", "127.0.0.1:5061", "--transport", "tls", "--cert", str(garbage))
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert result.stderr.startswith(
+        "pcproxy: error: --cert '%s' cannot be used: not a PEM certificate with its "
+        "private key (" % garbage
+    )
+    result = run("ping", "127.0.0.1:5061", "--transport", "tls", "--key", str(garbage))
+    assert result.stderr == "pcproxy: error: --key needs --cert\n"
