@@ -53,7 +53,7 @@ from proxy.store import (
     write_csv,
 )
 from proxy.transport.ping import ping, split_hostport
-from proxy.workers import supervise, worker_count
+from proxy.workers import as_bound, supervise, worker_count
 
 EXIT_REFUSED = 1
 EXIT_BAD_INPUT = 2
@@ -306,7 +306,9 @@ def serve_command(
             secret = read_secret(settings.proxy.secret_file)
         except (OSError, ValueError) as exc:
             raise _Refused("[proxy] secret_file: %s" % exc) from None
-        code = supervise(settings, count, lambda s, plan: serve(s, load, plan), secret)
+        code = supervise(
+            settings, count, lambda s, plan: serve(s, lambda: as_bound(load(), s), plan), secret
+        )
     if code:
         raise SystemExit(code)
 

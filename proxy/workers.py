@@ -104,6 +104,24 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+def as_bound(new: Settings, running: Settings) -> Settings:
+    """``new``, a configuration a worker re-read on SIGHUP, with each listen
+    port 0 given the port the supervisor bound for it (``concrete_ports``):
+    the worker runs with the bound ports, and a re-read port 0 that names
+    the same address is no change of ``server.listen`` (nor a restart to
+    ask for).  Any other difference stays, and is reported as one."""
+    bound = running.server.listen
+    configured = new.server.listen
+    if len(configured) != len(bound):
+        return new
+    listen = [
+        was if spec.port == 0 and (spec.transport, spec.host) == (was.transport, was.host) else spec
+        for spec, was in zip(configured, bound, strict=True)
+    ]
+    server = new.server.model_copy(update={"listen": listen})
+    return new.model_copy(update={"server": server})
+
+
 def _kind(transport: str) -> socket.SocketKind:
     return socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM
 

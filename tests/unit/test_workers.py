@@ -10,11 +10,18 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from proxy import reload
 from proxy.cli import EXIT_BAD_INPUT, main
-from proxy.config import ConfigError, ListenAddress, load_settings
+from proxy.config import ConfigError, ListenAddress, Settings, load_settings
 from proxy.element import Listener
 from proxy.sip.peer import Peer
-from proxy.workers import SupervisorError, concrete_ports, pool_side_sockets, worker_count
+from proxy.workers import (
+    SupervisorError,
+    as_bound,
+    concrete_ports,
+    pool_side_sockets,
+    worker_count,
+)
 
 from .sipmsg import field_values, make_element
 from .test_proxy_element import (
@@ -172,3 +179,33 @@ def test_the_config_key_takes_zero_for_one_per_core_and_refuses_negatives(tmp_pa
     config.write_text("[server]\nworkers = -2\n")
     with pytest.raises(ConfigError, match="server.workers"):
         load_settings(config)
+
+
+def _listening(*specs: str) -> Settings:
+    return Settings.model_validate({"server": {"listen": list(specs)}})
+
+
+def test_a_reread_port_0_is_the_port_the_workers_are_bound_to() -> None:
+    """A worker runs with the ports the supervisor bound for port 0; the same
+    configuration re-read on SIGHUP must not report server.listen changed,
+    nor ask for a restart: that was one false warning on every SIGHUP."""
+    running = _listening("udp:127.0.0.1:40000", "tcp:[::1]:40001", "udp:127.0.0.1:5060")
+    reread = _listening("udp:127.0.0.1:0", "tcp:[::1]:0", "udp:127.0.0.1:5060")
+    assert as_bound(reread, running).server.listen == running.server.listen
+    report = reload.apply(running, as_bound(reread, running), [])
+    assert report.changed == [] and report.restart == []
+
+
+@pytest.mark.parametrize(
+    "reread",
+    [
+        ("udp:127.0.0.2:0", "tcp:[::1]:0"),  # another host
+        ("tcp:127.0.0.1:0", "tcp:[::1]:0"),  # another transport
+        ("udp:127.0.0.1:5062", "tcp:[::1]:0"),  # a fixed port
+        ("udp:127.0.0.1:0",),  # one fewer
+    ],
+)
+def test_a_real_change_of_listen_is_still_reported(reread: tuple[str, ...]) -> None:
+    running = _listening("udp:127.0.0.1:40000", "tcp:[::1]:40001")
+    report = reload.apply(running, as_bound(_listening(*reread), running), [])
+    assert report.changed == ["server.listen"] and report.restart == ["server.listen"]
