@@ -171,6 +171,21 @@ def test_a_response_with_only_our_via_is_left_to_the_general_path() -> None:
     assert scan_response(data, 65535, 128) is None
 
 
+def test_the_name_addr_cache_keeps_no_long_values() -> None:
+    """The From and To of a dialog are remembered once found everyday; one
+    longer than 256 characters is read every time, so a peer cannot fill
+    the cache with long values."""
+    from proxy.sip import scan as scanning
+
+    long_from = b'"%s" <sip:user7@contoso.com>;tag=7' % (b"c" * 300)
+    data = EVERYDAY_200.replace(
+        b'"Chat Client 7" <sip:user7@contoso.com>;tag=7SIPpTag007;epid=5eb17', long_from
+    )
+    assert agree(data)
+    assert long_from not in scanning._everyday
+    assert b"<sip:ocschat@contoso.com>;tag=pool-1" in scanning._everyday
+
+
 def test_the_limits_of_the_general_parser_hold() -> None:
     assert scan_response(EVERYDAY_200, len(EVERYDAY_200) - 1, 128) is None
     assert scan_response(EVERYDAY_200, 65535, 9) is None
