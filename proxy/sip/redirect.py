@@ -53,9 +53,9 @@ from proxy.sip.scan import (
     REQUIRE,
     TO,
     VIA,
-    VIA_RE,
+    everyday_via,
     has_tag,
-    header_lines,
+    header_section,
     slot_of,
 )
 
@@ -95,15 +95,10 @@ def scan(data: bytes, max_size: int, max_headers: int) -> Scanned | None:
 
     Written for speed (it runs once per call): one pass over the header
     lines that only slices the name of a line it does not need."""
-    if len(data) > max_size:
+    section = header_section(data, _REQUEST_LINE, max_size, max_headers)
+    if section is None:
         return None
-    start = _REQUEST_LINE.match(data)
-    if start is None:
-        return None
-    split = header_lines(data, start.end(), max_headers)
-    if split is None:
-        return None
-    lines, end = split
+    start, lines, end = section
     vias: list[bytes] = []
     copied: list[bytes] = []
     slots: list[bytes | None] = [None, None, None, None, None, None, None, None]
@@ -162,15 +157,12 @@ def scan(data: bytes, max_size: int, max_headers: int) -> Scanned | None:
     ):
         return None
     # the top Via: one value, the everyday form, an RFC 3261 branch
-    top_via = top_via.strip(LWS)
     if b"," in top_via:
         return None
-    via = VIA_RE.match(top_via)
+    via = everyday_via(top_via)
     if via is None:
         return None
     _, host, port, paramtext = via.groups()
-    if port and not 0 < int(port) < 65536:
-        return None
     branch = rport = None
     received = False
     if paramtext:

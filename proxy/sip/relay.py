@@ -64,11 +64,11 @@ from proxy.sip.scan import (
     REQUIRE,
     ROUTE,
     VIA,
-    VIA_RE,
     branch_of,
     call_id_ok,
     cseq_of,
     everyday_name_addr,
+    everyday_via,
     has_tag,
     header_section,
     length_ok,
@@ -146,26 +146,21 @@ def scan_response(data: bytes, max_size: int, max_headers: int) -> ScannedRespon
     number_method = cseq_of(cseq)
     if number_method is None:
         return None
+    via = everyday_via(top_via)
+    if via is None or not via.group(4):
+        return None
     # the top Via line: pcproxy's value first, then the client's on the same
-    # line (as SIPp's [last_Via:] writes them) or on lines of their own
+    # line (as SIPp's [last_Via:] writes them: everyday_via's comma) or on
+    # lines of their own
     comma = top_via.find(b",")
     if comma < 0:
         if vias < 2:
             return None  # no Via left to answer to (§16.7 step 3)
         rest = b""
     else:
-        # the first value matches the everyday Via, which holds no quote and
-        # no angle bracket, so its comma is the one that ends it (§7.3.1)
         colon = len(top) - len(top_via) - 1
         rest = b"%s %s\r\n" % (top[: colon + 1], top_via[comma + 1 :].lstrip(b" \t\r\n"))
-        top_via = top_via[:comma]
-    via = VIA_RE.match(top_via.strip(LWS))
-    if via is None:
-        return None
-    port, paramtext = via.group(3), via.group(4)
-    if (port and not 0 < int(port) < 65536) or not paramtext:
-        return None
-    branch = branch_of(paramtext)
+    branch = branch_of(via.group(4))
     if not branch:
         return None
     if not everyday_name_addr(from_v.strip(LWS)) or not everyday_name_addr(to_v.strip(LWS)):
@@ -259,12 +254,13 @@ def scan_ack(data: bytes, max_size: int, max_headers: int) -> ScannedAck | None:
         value = raw[colon + 1 :]
         slots[key] = value
         if key == MAX_FORWARDS:
-            hops = _HOPS.get(value.strip(LWS))
+            value = value.strip(LWS)
+            hops = _HOPS.get(value)
             if hops is None:
                 return None  # 0 (483), or written oddly
             # the value replaced in place, its spacing kept (_replace_value)
-            value_at = line_at + raw.rindex(value.strip(LWS), colon)
-            edits.append((value_at, value_at + len(value.strip(LWS)), hops))
+            value_at = line_at + raw.rindex(value, colon)
+            edits.append((value_at, value_at + len(value), hops))
     top_via, from_v, to_v, call_id, cseq, max_fwd, length, _ = slots
     if (
         top_via is None
@@ -282,13 +278,10 @@ def scan_ack(data: bytes, max_size: int, max_headers: int) -> ScannedAck | None:
     number_method = cseq_of(cseq)
     if number_method is None or number_method[1] != b"ACK":
         return None
-    comma = top_via.find(b",")
-    via = VIA_RE.match((top_via if comma < 0 else top_via[:comma]).strip(LWS))
-    if via is None:
+    via = everyday_via(top_via)
+    if via is None or not via.group(4):
         return None
     _, host, port, paramtext = via.groups()
-    if (port and not 0 < int(port) < 65536) or not paramtext:
-        return None
     branch = branch_of(paramtext)
     if branch is None or not branch.startswith(b"z9hG4bK"):
         return None

@@ -73,11 +73,9 @@ _everyday: set[bytes] = set()
 
 
 def slot_of(name: bytes) -> int | None:
-    """The slot of a header name as written, ``OTHER`` for another valid
-    name, None for an invalid one (folding, a bad character)."""
-    known = NAMES.get(name)
-    if known is not None:
-        return known
+    """The slot of a header name as written that is not in ``NAMES`` yet,
+    ``OTHER`` for another valid name, None for an invalid one (folding, a
+    bad character); remembered in ``NAMES``."""
     stripped = name.rstrip(LWS)
     if not TOKEN.match(stripped):
         return None
@@ -125,6 +123,21 @@ def header_section(
     if split is None:
         return None
     return start, split[0], split[1]
+
+
+def everyday_via(value: bytes) -> re.Match[bytes] | None:
+    """The first value of a Via line (up to a comma) matched by ``VIA_RE``
+    with its port in range, as ``Via.parse`` reads it without its general
+    path; None otherwise.  The everyday Via holds no quote and no angle
+    bracket, so its first comma is the one that ends it (§7.3.1)."""
+    comma = value.find(b",")
+    via = VIA_RE.match((value if comma < 0 else value[:comma]).strip(LWS))
+    if via is None:
+        return None
+    port = via.group(3)
+    if port and not 0 < int(port) < 65536:
+        return None
+    return via
 
 
 def branch_of(paramtext: bytes) -> bytes | None:
