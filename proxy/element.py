@@ -30,7 +30,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from proxy import routing
 from proxy.resolve import Target, is_address
@@ -99,7 +99,7 @@ from proxy.sip.transaction import (
     timer_fired,
     transaction_key,
 )
-from proxy.sip.uri import aor_key_of, parse_uri
+from proxy.sip.uri import SipUri, aor_key_of, parse_uri
 from proxy.store import Snapshot
 
 ALLOW = "INVITE, ACK, CANCEL, OPTIONS, SUBSCRIBE, NOTIFY, INFO, UPDATE, BYE, MESSAGE"
@@ -169,10 +169,25 @@ class OwnRoutes(NamedTuple):
     changed: bool
 
 
-#: Route lines and Request-URIs remembered by ``_pop_own_routes``: how many,
-#: and how long together (longer ones are worked out every time).
-_ROUTED_MAX = 1024
-_ROUTED_LONGEST = 2048
+#: What the element's memos hold at most (the Contacts of Request-URIs, the
+#: outcome of Route sets, where ACKs go), and how long a key may be (a
+#: longer one is worked out every time): what a peer sends cannot grow them.
+MEMO_MAX = 1024
+MEMO_LONGEST = 2048
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _remember(memo: dict[K, V], key: K, value: V, length: int) -> None:
+    """Keep ``value`` under ``key`` (whose text is ``length`` long) in one of
+    the element's memos: not at all past ``MEMO_LONGEST``, and the memo
+    emptied first when it holds ``MEMO_MAX`` entries."""
+    if length > MEMO_LONGEST:
+        return
+    if len(memo) >= MEMO_MAX:
+        memo.clear()
+    memo[key] = value
 
 
 class Listener(NamedTuple):
@@ -678,10 +693,7 @@ class Element:
         except KeyError:
             pass
         way = self._find_ack_way(routes, uri)
-        if len(uri) + sum(map(len, routes)) <= _ROUTED_LONGEST:
-            if len(self._ack_ways) >= _ROUTED_MAX:
-                self._ack_ways.clear()
-            self._ack_ways[memo] = way
+        _remember(self._ack_ways, memo, way, len(uri) + sum(map(len, routes)))
         return way
 
     def _find_ack_way(
@@ -694,28 +706,25 @@ class Element:
             return None
         if not own.sides or own.routes or own.uri != text:
             return None
-        side, flow = own.sides[0][0], next((f for _, f in own.sides if f is not None), None)
-        if side == TOWARD_CLIENT and flow is not None:
-            transport, listener, peer = flow.transport, self._listener_of(flow), flow
+        # the target, listener and peer as _route_in_dialog and _forward_to
+        # choose them
+        flow = _client_flow(own.sides)
+        if flow is not None:
+            target = Target(flow.host, flow.host, flow.port, flow.transport)
         else:
             try:
-                hop = parse_uri(text)
+                hop_target = next_hop(parse_uri(text))[2]
             except SipError:
                 return None
-            transport = hop.param("transport") or ("tls" if hop.scheme == "sips" else "udp")
-            transport = transport.lower()
-            host = hop.host.strip("[]")
-            if not is_address(host):
-                return None
-            port = hop.port or (5061 if transport == "tls" else 5060)
-            listener = self._listener_for(Target(host, host, port, transport), None)
-            if listener is None:
-                return None
-            peer = Peer(
-                transport, host, port, listener.number, 0, host if transport == "tls" else ""
-            )
+            if hop_target is None:
+                return None  # a name to resolve
+            target = hop_target
+        listener = self._listener_for(target, flow)
         if listener is None:
             return None
+        transport = target.transport
+        name = target.address if transport == "tls" else ""
+        peer = flow or Peer(transport, target.address, target.port, listener.number, 0, name)
         prefix = "SIP/2.0/%s %s;branch=%s" % (transport.upper(), listener.hostport, MAGIC_COOKIE)
         return prefix.encode("latin-1"), b";rport" if transport == "udp" else b"", peer
 
@@ -741,9 +750,7 @@ class Element:
         if isinstance(decision, routing.Redirect):
             contact = decision.contact.encode("latin-1")
             found = (b"Contact: %s\r\n" % contact, decision.endpoint.sip_address)
-        if len(self._redirects) >= 1024:
-            self._redirects.clear()
-        self._redirects[uri] = found
+        _remember(self._redirects, uri, found, len(uri))
         return found
 
     def _receive_request(self, req: Request, peer: Peer, now: float) -> list[Output]:
@@ -1001,9 +1008,9 @@ class Element:
         ctx = self._new_context(req, routed, via, peer, txn, dest)
         ctx.in_dialog = True
         self.counters["in_dialog"] += 1
-        side, flow = sides[0][0], next((f for _, f in sides if f is not None), None)
+        flow = _client_flow(sides)
         out = self._trying(ctx, now)
-        if side == TOWARD_CLIENT and flow is not None:
+        if flow is not None:
             ctx.flow = flow
             ctx.targets = [Target(flow.host, flow.host, flow.port, flow.transport)]
             return out + self._try_next(ctx, now)
@@ -1015,14 +1022,10 @@ class Element:
             )
         except SipError as exc:
             return out + self._own_final(ctx, 400, (DIAG_BAD_REQUEST, exc.reason), now)
-        transport = hop.param("transport")
-        transport = transport.lower() if transport else ("tls" if hop.scheme == "sips" else None)
-        host = hop.host.strip("[]")
+        host, transport, target = next_hop(hop)
         ctx.tls_name = host
-        if is_address(host):
-            chosen = transport or "udp"
-            port = hop.port or (5061 if chosen == "tls" else 5060)
-            ctx.targets = [Target(host, host, port, chosen)]
+        if target is not None:
+            ctx.targets = [target]
             return out + self._try_next(ctx, now)
         out.append(Resolve(ctx.ref, host, hop.port, transport))
         return out
@@ -1045,10 +1048,7 @@ class Element:
         known = self._routed.get(memo)
         if known is None:
             known = self._own_routes(lines, req.uri, tokens)
-            if len(req.uri) + sum(map(len, lines)) <= _ROUTED_LONGEST:
-                if len(self._routed) >= _ROUTED_MAX:
-                    self._routed.clear()
-                self._routed[memo] = known
+            _remember(self._routed, memo, known, len(req.uri) + sum(map(len, lines)))
         if known.sides is None:
             return req, None
         if not known.changed:
@@ -1639,6 +1639,31 @@ def sender_peer(via_port: int | None, rport: bool, peer: Peer) -> Peer:
     if peer.reliable or port == peer.port or rport:
         return peer
     return Peer("udp", peer.host, port, peer.listener)
+
+
+def _client_flow(sides: Sequence[tuple[str, Peer | None]]) -> Peer | None:
+    """The client's flow when the first Route of ours was the pool-facing
+    one (the request came from the pool, RFC 5658 §3.2): the flow in any of
+    the tokens; else None (the request goes toward the pool)."""
+    if sides[0][0] != TOWARD_CLIENT:
+        return None
+    return next((flow for _, flow in sides if flow is not None), None)
+
+
+def next_hop(hop: SipUri) -> tuple[str, str | None, Target | None]:
+    """The host of a Route or Request-URI (RFC 3263 §4: no brackets), the
+    transport it names (``transport`` parameter, else TLS for sips, else
+    None) and, when the host is an address, the target itself on that
+    transport (UDP when none is named) and port (the URI's, else 5060 or
+    5061 for TLS); None when the name must be resolved."""
+    transport = hop.param("transport")
+    transport = transport.lower() if transport else ("tls" if hop.scheme == "sips" else None)
+    host = hop.host.strip("[]")
+    if not is_address(host):
+        return host, transport, None
+    chosen = transport or "udp"
+    port = hop.port or (5061 if chosen == "tls" else 5060)
+    return host, transport, Target(host, host, port, chosen)
 
 
 def _without_own_via(msg: Response | ScannedResponse, data: bytes, branch: str) -> bytes | None:
