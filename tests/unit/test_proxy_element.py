@@ -1016,6 +1016,21 @@ def test_the_via_names_the_listeners_of_the_moment() -> None:
     assert b"@127.0.0.9:5070;transport=udp;lr>" in field_values(second, "record-route")[0]
 
 
+def test_the_element_memos_are_bounded() -> None:
+    """The memos of Contacts, Route sets and ACK ways keep at most MEMO_MAX
+    keys (emptied when full) and no key longer than MEMO_LONGEST."""
+    from proxy.element import MEMO_LONGEST, MEMO_MAX, _remember
+
+    memo: dict[str, int] = {}
+    for n in range(MEMO_MAX):
+        _remember(memo, "k%d" % n, n, 2)
+    assert len(memo) == MEMO_MAX
+    _remember(memo, "one more", 1, 8)
+    assert memo == {"one more": 1}
+    _remember(memo, "long", 2, MEMO_LONGEST + 1)
+    assert "long" not in memo
+
+
 def test_a_long_route_set_is_worked_out_but_not_remembered() -> None:
     net, uac, pool = full_call()
     (ok,) = uac.got(b"SIP/2.0 200 ")

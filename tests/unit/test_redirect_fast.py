@@ -480,6 +480,22 @@ def test_a_content_length_over_65535_is_left_to_the_general_path() -> None:
     assert status_of(answer.data) == 400
 
 
+@pytest.mark.parametrize(
+    "via",
+    [
+        b"SIP/2.0/UDP 127.0.0.1:5061;branch=z9hG4bK-7-1-0;received=10.0.0.9",
+        b"SIP/2.0/UDP client.contoso.com:5061;branch=z9hG4bK-7-1-0;received=127.0.0.1;rport",
+    ],
+)
+def test_a_via_that_has_received_already_gets_the_same_answer(via: bytes) -> None:
+    """§18.2.1: received is added only when the Via has none; the fast path
+    keeps what the general one keeps."""
+    data = SIPP_INVITE.replace(b"SIP/2.0/UDP 127.0.0.1:5061;branch=z9hG4bK-7-1-0", via, 1)
+    assert scan(data, 65535, 128) is not None
+    (answer,) = exchange(twins(), data, UDP_PEER)
+    assert answer.data.count(b";received=") == 1
+
+
 def test_the_contact_cache_is_bounded_and_stays_right() -> None:
     """Many distinct Request-URIs (most not in the table) empty the cache of
     Contacts when it is full; the chat URI is still redirected after."""

@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 
 from proxy.element import Listener
 from proxy.sip.client_transaction import client_key, response_key
+from proxy.sip.errors import SipError
 from proxy.sip.message import Response, parse
 from proxy.sip.peer import Peer
 from proxy.sip.proxy_core import strip_own_via
@@ -542,6 +543,7 @@ def test_an_everyday_ack_takes_the_fast_path_to_the_pool(client: Peer) -> None:
 
 #: Changes to the everyday ACK: (what, into what), applied in turn.
 ACK_CHANGES: list[tuple[bytes, bytes]] = [
+    (b"192.0.2.10:5062;branch", b"192.0.2.10:65536;branch"),
     (b"Max-Forwards: 70", b"Max-Forwards: 0"),
     (b"Max-Forwards: 70", b"Max-Forwards:  1 "),
     (b"Max-Forwards: 70", b"Max-Forwards: 070"),
@@ -656,3 +658,67 @@ def test_where_an_ack_goes_is_worked_out_again_when_the_listeners_change() -> No
     net.advance()
     assert [s.data[:4] for _, s in net.sent].count(b"ACK ") == 1
     assert net.element.counters["forged_route"] == 1  # no Route of ours: dropped
+
+
+def test_the_pools_ack_goes_back_over_the_clients_flow_alike() -> None:
+    """An ACK from the pool (for a 2xx to its own re-INVITE) names the
+    pool-facing Route first: it goes to the client over the flow in the
+    token, by the fast path as by the general one."""
+
+    def pool_acks(fast: bool) -> Network:
+        pool = Pool("pool1", POOL1, (180, 200))
+        net, uac = _wire(pool, fast=fast, client=CLIENT_TCP)
+        uac.call(invite(CLIENT_TCP))
+        net.advance()
+        (at_pool,) = pool.got(b"INVITE ")
+        ack = pool_in_dialog("ACK", pool, at_pool)
+        assert scan_ack(ack, 65535, 128) is not None
+        pool.send(ack)
+        return net
+
+    fast = transcript(pool_acks, fast=True)
+    assert fast == transcript(pool_acks, fast=False)
+    (to_client,) = [e for e in fast[0] if isinstance(e, tuple) and e[1].startswith(b"ACK ")]
+    assert to_client[2] == CLIENT_TCP
+
+
+def test_an_ack_for_an_invite_still_pending_is_left_to_the_general_path() -> None:
+    """An ACK with the branch of an INVITE transaction that has not answered
+    finally (§17.2.1: it belongs to that transaction) is the general path's,
+    whatever Route it carries."""
+
+    def early_ack(fast: bool) -> Network:
+        pool = Pool("pool1", POOL1, (180,))
+        net, uac = _wire(pool, fast=fast)
+        uac.call(invite())
+        net.advance()
+        (ringing,) = uac.got(b"SIP/2.0 180 ")
+        ack = client_in_dialog("ACK", ringing, cseq=1).replace(b"z9hG4bK-ACK1", b"z9hG4bK-c1")
+        assert scan_ack(ack, 65535, 128) is not None
+        uac.send(ack)
+        return net
+
+    fast = transcript(early_ack, fast=True)
+    assert fast == transcript(early_ack, fast=False)
+    # the client's ACK went nowhere (the ACK sent is pcproxy's own, for the
+    # 487 that Timer C's CANCEL brings, §16.8)
+    assert not [d for d in sent_data(fast) if d.startswith(b"ACK ") and b"z9hG4bK-c1" in d]
+
+
+def test_a_content_length_over_65535_is_left_to_the_general_parser() -> None:
+    body = b"x" * 70000
+    data = EVERYDAY_200.replace(b"Content-Length: 4\r\n\r\nv=0\n", b"Content-Length: 70000\r\n\r\n")
+    data += body
+    assert scan_response(data, 1 << 20, 128) is None
+    with pytest.raises(SipError):
+        parse(data, max_size=1 << 20)
+
+
+def test_the_name_addr_cache_is_emptied_when_full() -> None:
+    from proxy.sip import scan as scanning
+
+    with patch.object(scanning, "NAMES_MAX", 2):
+        for n in range(5):
+            data = EVERYDAY_200.replace(b"tag=pool-1", b"tag=pool-%d" % n)
+            assert agree(data)
+            assert len(scanning._everyday) <= 2
