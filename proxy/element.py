@@ -72,9 +72,10 @@ from proxy.sip.proxy_core import (
 )
 from proxy.sip.redirect import build_final, scan
 from proxy.sip.relay import (
+    IN_DIALOG_STARTS,
     ScannedResponse,
-    forward_ack,
-    scan_ack,
+    forward_in_dialog,
+    scan_in_dialog,
     scan_response,
     strip_top_via,
 )
@@ -253,21 +254,42 @@ Output = Send | Resolve | MarkFailed | Note
 _ANSWERED = Request(method="INVITE")
 
 
+class Way(NamedTuple):
+    """Where a request inside a dialog goes (``Element._way``): its Route
+    lines all name this proxy, its next hop needs no DNS."""
+
+    #: The new Via up to its branch's unique part, and what follows that part.
+    prefix: bytes
+    suffix: bytes
+    #: The peer it is sent to, the target that stands for, the client's flow
+    #: (a request from the pool) and the name a TLS target must prove.
+    peer: Peer
+    target: Target
+    flow: Peer | None
+    tls_name: str
+
+
 class Context:
     """A response context (RFC 3261 §16): one request being proxied.
 
     pcproxy never forks: a context has one client transaction at a time and
     moves down its target list (RFC 3263 §4.3) when a target refuses, stays
     silent for ``target_timeout`` or answers 503.
+
+    A context the fast path opened (``of_bytes``) holds the request's bytes
+    only: ``received``, ``request`` and ``via`` parse them the first time
+    something asks (an answer of pcproxy's own, a note), which an everyday
+    request never does.
     """
 
     __slots__ = (
         "ref",
         "server",
         "dest",
-        "request",
-        "received",
-        "via",
+        "_request",
+        "_received",
+        "_via",
+        "_data",
         "peer",
         "method",
         "tls_name",
@@ -293,19 +315,22 @@ class Context:
         ref: int,
         server: ServerTransaction | None,
         dest: Peer,
-        request: Request,
-        received: Request,
-        via: Via,
+        request: Request | None,
+        received: Request | None,
+        via: Via | None,
         peer: Peer,
+        method: str = "",
+        data: bytes = b"",
     ) -> None:
         self.ref = ref
         self.server = server
         self.dest = dest
-        self.request = request
-        self.received = received
-        self.via = via
+        self._request = request
+        self._received = received
+        self._via = via
+        self._data = data
         self.peer = peer
-        self.method = received.method
+        self.method = received.method if received is not None else method
         self.tls_name = ""
         self.record_route = False
         self.in_dialog = False
@@ -322,6 +347,52 @@ class Context:
         self.cancel_sent = False
         self.answered = False
         self.finished = False
+
+    @classmethod
+    def of_bytes(
+        cls, ref: int, server: ServerTransaction, dest: Peer, data: bytes, peer: Peer, method: str
+    ) -> Context:
+        """A context for a request inside a dialog whose Route lines all name
+        this proxy (``Element._fast_in_dialog``): ``request`` is the received
+        one without them."""
+        return cls(ref, server, dest, None, None, None, peer, method, data)
+
+    @property
+    def received(self) -> Request:
+        """The request as received."""
+        received = self._received
+        if received is None:
+            data = self._data
+            parsed = parse(data, stream=self.peer.reliable, max_size=len(data), max_headers=1 << 16)
+            assert isinstance(parsed, Request), "the fast path read a request"
+            received = self._received = parsed
+        return received
+
+    @received.setter
+    def received(self, value: Request) -> None:
+        self._received = value
+
+    @property
+    def request(self) -> Request:
+        """The request to forward: the received one after §16.4."""
+        request = self._request
+        if request is None:
+            received = self.received
+            request = self._request = with_routes(received, (), received.uri)
+        return request
+
+    @request.setter
+    def request(self, value: Request) -> None:
+        self._request = value
+
+    @property
+    def via(self) -> Via:
+        """The received request's top Via."""
+        via = self._via
+        if via is None:
+            received = self.received
+            via = self._via = received.via or received.top_via()
+        return via
 
 
 #: What a keep-alive datagram is made of (RFC 5626 §3.5.1).
@@ -498,8 +569,8 @@ class Element:
         self._routed: dict[tuple[tuple[str, ...], str, bool], OwnRoutes] = {}
         #: (transport, IPv6?) of a target -> ``_listener_for``'s socket.
         self._listener_by: dict[tuple[str, bool], Listener | None] = {}
-        #: (Route lines, Request-URI) of an ACK -> ``_ack_way``.
-        self._ack_ways: dict[tuple[tuple[bytes, ...], bytes], tuple[bytes, bytes, Peer] | None] = {}
+        #: (Route lines, Request-URI) of a request inside a dialog -> ``_way``.
+        self._ways: dict[tuple[tuple[bytes, ...], bytes], Way | None] = {}
 
     def set_listeners(
         self, listeners: list[Listener], others: Iterable[tuple[str, int]] = ()
@@ -509,7 +580,7 @@ class Element:
         (``others``: the pool-side addresses of the service's other workers)."""
         self.listeners = list(listeners)
         self._routed.clear()  # which Routes are ours may change
-        self._ack_ways.clear()
+        self._ways.clear()
         self._listener_by.clear()
         self._addresses = {(lst.host.lower(), lst.port) for lst in listeners}
         self._addresses.update((host.lower(), port) for host, port in others)
@@ -527,6 +598,10 @@ class Element:
                     return forwarded
         elif self.config.fast_redirect and data[:4] in _FAST_METHODS:
             out = self._fast_redirect(data, peer, now)
+            if out is not None:
+                return out
+        elif data[:4] in IN_DIALOG_STARTS and self.config.fast_relay:
+            out = self._fast_in_dialog(data, peer, now)
             if out is not None:
                 return out
         elif data[:8] == b"SIP/2.0 " and self.config.fast_relay:
@@ -660,47 +735,98 @@ class Element:
         or None: take the general path.
 
         Where an ACK goes depends on its Route set and Request-URI alone, the
-        same for every ACK of the dialog, so that is remembered
-        (``_ack_way``); its Via's branch is ``stateless_unique``'s."""
+        same for every ACK of the dialog, so that is remembered (``_way``);
+        its Via's branch is ``stateless_unique``'s."""
         cfg = self.config
-        scanned = scan_ack(data, cfg.max_message_size, cfg.max_headers)
+        scanned = scan_in_dialog(data, cfg.max_message_size, cfg.max_headers)
         if scanned is None:
             return None
-        branch = scanned.branch.decode("latin-1")
-        if (branch, scanned.sent_by, "INVITE") in self.transactions:
+        if (scanned.branch.decode("latin-1"), scanned.sent_by, "INVITE") in self.transactions:
             return None  # the ACK for a final response of ours
-        way = self._ack_way(scanned.routes, scanned.uri)
+        way = self._way(scanned.routes, scanned.uri)
         if way is None:
             return None
-        prefix, suffix, peer = way
         unique = hashlib.sha256(scanned.branch).hexdigest()[:16].encode()
         self._ref += 1  # the context the general path opens and closes
         counters = self.counters
         counters["requests.ACK"] += 1
         counters["in_dialog"] += 1
-        via_line = b"Via: %s%s%s\r\n" % (prefix, unique, suffix)
-        return [Send(forward_ack(scanned, data, via_line), peer)]
+        via_line = b"Via: %s%s%s\r\n" % (way.prefix, unique, way.suffix)
+        return [Send(forward_in_dialog(scanned, data, via_line), way.peer)]
 
-    def _ack_way(self, routes: tuple[bytes, ...], uri: bytes) -> tuple[bytes, bytes, Peer] | None:
-        """Where ``_route_in_dialog`` sends an ACK with these Route lines and
-        Request-URI: the new Via up to its branch's unique part, what follows
-        that part, and the peer; None where it would do anything else (a
-        token not valid, a Route left, a name to resolve).  Remembered, for
-        the listeners it was worked out with."""
+    def _fast_in_dialog(self, data: bytes, peer: Peer, now: float) -> list[Output] | None:
+        """A BYE, INFO, UPDATE, NOTIFY... of a dialog this proxy
+        Record-Routed, forwarded from one scan of its bytes
+        (``proxy.sip.relay``), or None: take the general path.
+
+        This is what ``_receive_request``, ``_answer``, ``_route_in_dialog``
+        and ``_forward_to`` do for a request whose Route lines all name this
+        proxy and whose next hop needs no DNS (``_way``): the same server
+        transaction, context, client transaction and timers, the same bytes
+        forwarded (§16.6).  Only the parsing is left out: the context and
+        the client transaction parse the bytes if something asks for the
+        request later (a final response of pcproxy's own, a note), which an
+        everyday request never does."""
+        cfg = self.config
+        scanned = scan_in_dialog(data, cfg.max_message_size, cfg.max_headers)
+        if scanned is None:
+            return None
+        method = scanned.method
+        key = (scanned.branch.decode("latin-1"), scanned.sent_by, method)
+        if key in self.transactions or key in self._by_server:
+            return None  # a retransmission: the general path answers it
+        way = self._way(scanned.routes, scanned.uri)
+        if way is None:
+            return None
+        counters = self.counters
+        counters["requests." + method] += 1
+        dest = sender_peer(scanned.via_port, scanned.rport, peer)  # no maddr here
+        txn = NonInviteServerTransaction(key, dest, cfg.timers, self._new_tag())
+        self._ref += 1
+        ctx = Context.of_bytes(self._ref, txn, dest, data, peer, method)
+        self.contexts[ctx.ref] = ctx
+        self.transactions[key] = txn
+        self._by_server[key] = ctx
+        ctx.in_dialog = True
+        counters["in_dialog"] += 1
+        ctx.flow = way.flow
+        ctx.tls_name = way.tls_name
+        ctx.targets = [way.target]
+        ctx.index = 1
+        ctx.target = way.target
+        unique = secrets.token_hex(10)
+        via_line = b"Via: %s%s%s\r\n" % (way.prefix, unique.encode(), way.suffix)
+        branch = MAGIC_COOKIE + unique
+        client = NonInviteClientTransaction(
+            forward_in_dialog(scanned, data, via_line), way.peer, cfg.timers, branch
+        )
+        client_key = (branch, method)
+        ctx.client, ctx.client_key = client, client_key
+        self.clients[client_key] = (client, ctx)
+        counters["forwarded"] += 1
+        out = self._run_client(client_key, client, ctx, client.start(), now)
+        self.timers.arm(ctx, "T", cfg.target_timeout, now)
+        return out
+
+    def _way(self, routes: tuple[bytes, ...], uri: bytes) -> Way | None:
+        """Where ``_route_in_dialog`` sends a request with these Route lines
+        and Request-URI (``Way``); None where it would do anything else (a
+        token not valid, a Route left, a name to resolve, a Request-URI
+        ``_answer`` refuses).  Remembered, for the listeners it was worked
+        out with."""
         memo = (routes, uri)
         try:
-            return self._ack_ways[memo]
+            return self._ways[memo]
         except KeyError:
             pass
-        way = self._find_ack_way(routes, uri)
-        _remember(self._ack_ways, memo, way, len(uri) + sum(map(len, routes)))
+        way = self._find_way(routes, uri)
+        _remember(self._ways, memo, way, len(uri) + sum(map(len, routes)))
         return way
 
-    def _find_ack_way(
-        self, routes: tuple[bytes, ...], uri: bytes
-    ) -> tuple[bytes, bytes, Peer] | None:
+    def _find_way(self, routes: tuple[bytes, ...], uri: bytes) -> Way | None:
         text = uri.decode("latin-1")
         try:
+            hop = parse_uri(text)  # _answer refuses a Request-URI it cannot read
             own = self._own_routes(tuple(r.decode("latin-1") for r in routes), text, True)
         except SipError:
             return None
@@ -711,11 +837,9 @@ class Element:
         flow = _client_flow(own.sides)
         if flow is not None:
             target = Target(flow.host, flow.host, flow.port, flow.transport)
+            tls_name = ""
         else:
-            try:
-                hop_target = next_hop(parse_uri(text))[2]
-            except SipError:
-                return None
+            tls_name, _, hop_target = next_hop(hop)
             if hop_target is None:
                 return None  # a name to resolve
             target = hop_target
@@ -723,10 +847,11 @@ class Element:
         if listener is None:
             return None
         transport = target.transport
-        name = target.address if transport == "tls" else ""
+        name = tls_name if transport == "tls" else ""
         peer = flow or Peer(transport, target.address, target.port, listener.number, 0, name)
         prefix = "SIP/2.0/%s %s;branch=%s" % (transport.upper(), listener.hostport, MAGIC_COOKIE)
-        return prefix.encode("latin-1"), b";rport" if transport == "udp" else b"", peer
+        suffix = b";rport" if transport == "udp" else b""
+        return Way(prefix.encode("latin-1"), suffix, peer, target, flow, tls_name)
 
     def _redirect_of(self, uri: bytes) -> tuple[bytes, str] | None:
         """The Contact line of the 302 for this Request-URI and the
@@ -1169,9 +1294,9 @@ class Element:
             return [Send(bytes(fwd), peer)]
         client: ClientTransaction
         if ctx.method == "INVITE":
-            client = InviteClientTransaction(fwd, peer, cfg.timers)
+            client = InviteClientTransaction(fwd, peer, cfg.timers, branch)
         else:
-            client = NonInviteClientTransaction(fwd, peer, cfg.timers)
+            client = NonInviteClientTransaction(fwd, peer, cfg.timers, branch)
         key = client_key(branch, ctx.method)
         ctx.client, ctx.client_key, ctx.provisional = client, key, False
         self.clients[key] = (client, ctx)
@@ -1675,6 +1800,8 @@ def _without_own_via(msg: Response | ScannedResponse, data: bytes, branch: str) 
 
 def client_key_branch(client: ClientTransaction, ctx: Context) -> str:
     """The branch of the Via pcproxy put on ``client``'s request."""
+    if client.branch:
+        return client.branch
     via = client.request.via
     if via is not None and via.branch:
         return via.branch

@@ -132,7 +132,7 @@ Handler = Callable[[Any, Any], list[Action]]
 class ClientTransaction:
     """Common state of both client machines."""
 
-    __slots__ = ("request", "data", "peer", "timers", "state", "started", "_interval")
+    __slots__ = ("_request", "data", "branch", "peer", "timers", "state", "started", "_interval")
 
     TRANSITIONS: dict[tuple[ClientState, type], Handler] = {}
     INITIAL = ClientState.TRYING
@@ -140,14 +140,35 @@ class ClientTransaction:
     TIMEOUT = "F"
     WAIT = "K"
 
-    def __init__(self, request: Request, peer: Peer, timers: Timers) -> None:
-        self.request = request
-        self.data = bytes(request)
+    def __init__(
+        self, request: Request | bytes, peer: Peer, timers: Timers, branch: str = ""
+    ) -> None:
+        """``request`` parsed, or as its bytes (the fast path's: parsed only
+        if something asks for ``request``); ``branch``, the branch of its
+        top Via when the caller knows it."""
+        if isinstance(request, Request):
+            self._request: Request | None = request
+            self.data = bytes(request)
+        else:
+            self._request = None
+            self.data = request
+        self.branch = branch
         self.peer = peer
         self.timers = timers
         self.state = self.INITIAL
         self.started = False
         self._interval = timers.t1
+
+    @property
+    def request(self) -> Request:
+        """The request this transaction sends."""
+        request = self._request
+        if request is None:
+            data = self.data
+            parsed = parse(data, stream=self.peer.reliable, max_size=len(data), max_headers=1 << 16)
+            assert isinstance(parsed, Request), "a transaction sends a request"
+            request = self._request = parsed
+        return request
 
     @property
     def key(self) -> tuple[str, str]:
@@ -218,10 +239,10 @@ class InviteClientTransaction(ClientTransaction):
     TIMEOUT = "B"
     WAIT = "D"
 
-    def __init__(self, request: Request, peer: Peer, timers: Timers) -> None:
+    def __init__(self, request: Request, peer: Peer, timers: Timers, branch: str = "") -> None:
         if request.method != "INVITE":
             raise TransactionError("InviteClientTransaction for %s" % request.method)
-        super().__init__(request, peer, timers)
+        super().__init__(request, peer, timers, branch)
         self.ack: bytes | None = None
 
     def _calling_timer(self, event: TimerFired) -> list[Action]:
@@ -279,10 +300,13 @@ class NonInviteClientTransaction(ClientTransaction):
     TIMEOUT = "F"
     WAIT = "K"
 
-    def __init__(self, request: Request, peer: Peer, timers: Timers) -> None:
-        if request.method in ("INVITE", "ACK"):
-            raise TransactionError("NonInviteClientTransaction for %s" % request.method)
-        super().__init__(request, peer, timers)
+    def __init__(
+        self, request: Request | bytes, peer: Peer, timers: Timers, branch: str = ""
+    ) -> None:
+        method = request.method if isinstance(request, Request) else request[:7].partition(b" ")[0]
+        if method in ("INVITE", "ACK", b"INVITE", b"ACK"):
+            raise TransactionError("NonInviteClientTransaction for %r" % method)
+        super().__init__(request, peer, timers, branch)
 
     def _timer(self, event: TimerFired) -> list[Action]:
         if event.name != "E":

@@ -1,4 +1,4 @@
-"""The proxy's fast paths: one scan of an everyday response or ACK.
+"""The proxy's fast paths: one scan of an everyday response or request of a dialog.
 
 Theory of operation
 -------------------
@@ -31,23 +31,27 @@ general path, which handles it exactly as before.  What it accepts:
 * a Content-Length the body fills exactly (§18.3): neither short, which the
   general parser refuses, nor long, which it cuts.
 
-The ACK for a 2xx travels end to end through every proxy on the route set
-(§13.2.2.4, §16.11): pcproxy forwards it statelessly.  ``scan_ack`` reads an
-everyday one (the same header rules, plus a To tag, a Route set, a
-Max-Forwards above 0 and no Proxy-Require) and ``forward_ack`` writes what
-``forward`` would: pcproxy's Via before the first Via line, Max-Forwards
-one less in place, the Route lines gone.  Where it goes and the Via's text
-up to the branch's unique part depend only on the Route lines and the
-Request-URI, which the element works out once per dialog with the general
-path's own code (``Element._ack_way``); an ACK that keeps a Route of
-someone else's, comes from a strict router or names a host to resolve takes
-the general path.
+The requests of a dialog pcproxy Record-Routed pass through it too: the
+ACK for a 2xx, which travels end to end through every proxy on the route
+set (§13.2.2.4, §16.11) and is forwarded statelessly, and the BYE, INFO,
+UPDATE, NOTIFY... that Group Chat's dialogs and subscriptions carry, each
+in a transaction of its own.  ``scan_in_dialog`` reads an everyday one (the
+same header rules, plus a To tag, a Route set, a Max-Forwards above 0 and
+no Proxy-Require) and ``forward_in_dialog`` writes what ``forward`` would:
+pcproxy's Via before the first Via line, Max-Forwards one less in place,
+the Route lines gone.  Where it goes and the Via's text up to the branch's
+unique part depend only on the Route lines and the Request-URI, which the
+element works out once per dialog with the general path's own code
+(``Element._way``); a request that keeps a Route of someone else's, comes
+from a strict router or names a host to resolve takes the general path.
+The element opens the same transactions and context as the general path
+for a non-ACK one, and parses its bytes only if something asks later.
 
 ``tests/unit/test_relay_fast.py`` holds the proof: for generated responses,
 damaged ones and the RFC 4475/5118 corpus, the scan agrees with the general
 parser wherever it does not give up, and an element with the fast paths
 sends the same bytes as one without them through whole calls, and for
-generated and damaged ACKs.
+generated and damaged ACKs and BYEs.
 """
 
 from __future__ import annotations
@@ -186,19 +190,32 @@ def strip_top_via(scanned: ScannedResponse, data: bytes, my_branch: str) -> byte
 
 
 #: RFC 3261 §7.1: ``ACK sip:... SIP/2.0``.
-_ACK_LINE = re.compile(rb"ACK (sips?:[^ \r\n]+) SIP/2\.0\r\n")
+#: The request line of the requests a dialog carries through pcproxy that
+#: the fast path reads (§7.1): the ACK for a 2xx, and the non-INVITE
+#: requests of Group Chat's dialogs and of subscriptions.  INVITE (a
+#: re-INVITE), CANCEL and anything else take the general path.
+_IN_DIALOG_LINE = re.compile(
+    rb"(ACK|BYE|INFO|UPDATE|NOTIFY|MESSAGE|PRACK|REFER) (sips?:[^ \r\n]+) SIP/2\.0\r\n"
+)
+#: How those requests begin, for the element's dispatch on four bytes.
+IN_DIALOG_STARTS = frozenset((b"BYE ", b"INFO", b"UPDA", b"NOTI", b"MESS", b"PRAC", b"REFE"))
 #: Max-Forwards values above 0, as written (§8.1.1.6), and what they become.
 _HOPS = {str(n).encode(): str(n - 1).encode() for n in range(1, 256)}
 
 
-class ScannedAck(NamedTuple):
-    """What a proxy needs of the ACK for a 2xx to forward it (§16.11)."""
+class ScannedRequest(NamedTuple):
+    """What a proxy needs of a request inside a dialog to forward it (§16.6)."""
 
+    method: str
     uri: bytes
-    #: The top Via's branch and sent-by (lower case): the key of an INVITE
-    #: server transaction it could belong to instead (§17.2.3).
+    #: The top Via's branch and sent-by (lower case): the key of the server
+    #: transaction it belongs to (§17.2.3).
     branch: bytes
     sent_by: str
+    #: The top Via's port and whether it asks for rport (RFC 3581 §4): where
+    #: the responses go (§18.2.2; a Via with ``maddr`` is not read here).
+    via_port: int | None
+    rport: bool
     #: The raw Route lines, in order.
     routes: tuple[bytes, ...]
     #: What forwarding changes (§16.6): where the new Via goes (the first Via
@@ -208,17 +225,19 @@ class ScannedAck(NamedTuple):
     edits: list[tuple[int, int, bytes]]
 
 
-def scan_ack(data: bytes, max_size: int, max_headers: int) -> ScannedAck | None:
-    """Read an everyday ACK inside a dialog (a To tag, a Route set), or say
-    ``None``: take the general path.
+def scan_in_dialog(data: bytes, max_size: int, max_headers: int) -> ScannedRequest | None:
+    """Read an everyday request inside a dialog (a To tag, a Route set), or
+    say ``None``: take the general path.
 
     What it accepts is what ``scan_response`` accepts of the header lines,
-    with the ACK's own: the request line ``ACK sip:... SIP/2.0`` (§7.1), a
-    CSeq of method ACK (§8.1.1.5), a To with a tag (§12.2.1.1), a
-    Max-Forwards above 0 (§16.3 step 3), a Content-Length, at least one Route
-    line and no Proxy-Require (§16.3 step 5), a top Via value in the everyday
-    form with an RFC 3261 branch (§17.2.3)."""
-    section = header_section(data, _ACK_LINE, max_size, max_headers)
+    with the request's own: the request line of an ACK, BYE, INFO, UPDATE,
+    NOTIFY, MESSAGE, PRACK or REFER to a sip or sips URI (§7.1, §16.3
+    step 2), a CSeq of that method (§8.1.1.5), a To with a tag (§12.2.1.1),
+    a Max-Forwards above 0 (§16.3 step 3), a Content-Length, at least one
+    Route line and no Proxy-Require (§16.3 step 5), a top Via value in the
+    everyday form with an RFC 3261 branch (§17.2.3) and no ``maddr``
+    (§18.2.2)."""
+    section = header_section(data, _IN_DIALOG_LINE, max_size, max_headers)
     if section is None:
         return None
     start, lines, end = section
@@ -275,14 +294,26 @@ def scan_ack(data: bytes, max_size: int, max_headers: int) -> ScannedAck | None:
         or not call_id_ok(call_id)
     ):
         return None
+    method = start.group(1)
     number_method = cseq_of(cseq)
-    if number_method is None or number_method[1] != b"ACK":
+    if number_method is None or number_method[1] != method:
         return None
     via = everyday_via(top_via)
     if via is None or not via.group(4):
         return None
     _, host, port, paramtext = via.groups()
-    branch = branch_of(paramtext)
+    branch = None
+    rport = False
+    for item in paramtext[1:].split(b";"):
+        name, eq, value = item.partition(b"=")
+        name = name.lower()
+        if name == b"branch":
+            if branch is None:
+                branch = value if eq else b""
+        elif name == b"rport":
+            rport = True
+        elif name == b"maddr":
+            return None
     if branch is None or not branch.startswith(b"z9hG4bK"):
         return None
     if not everyday_name_addr(from_v.strip(LWS)):
@@ -291,18 +322,21 @@ def scan_ack(data: bytes, max_size: int, max_headers: int) -> ScannedAck | None:
     if to is None or to.group(3) is None or not has_tag(to.group(5)):
         return None
     sent_by = host.decode().lower()
-    return ScannedAck(
-        start.group(1),
+    return ScannedRequest(
+        method.decode(),
+        start.group(2),
         branch,
         sent_by if port is None else "%s:%d" % (sent_by, int(port)),
+        int(port) if port else None,
+        rport,
         tuple(routes),
         first_via,
         edits,
     )
 
 
-def forward_ack(scanned: ScannedAck, data: bytes, via_line: bytes) -> bytes:
-    """The ACK as ``forward`` writes it (§16.6): ``via_line`` (CRLF included)
+def forward_in_dialog(scanned: ScannedRequest, data: bytes, via_line: bytes) -> bytes:
+    """The request as ``forward`` writes it (§16.6): ``via_line`` (CRLF included)
     before the first Via line, Max-Forwards one less, the Route lines gone
     (all of them name this proxy: the caller made sure), every other byte
     as received."""

@@ -1,5 +1,6 @@
-"""The proxy's fast paths (``proxy.sip.relay``) pass every response and
-every ACK for a 2xx on exactly as the general path does.
+"""The proxy's fast paths (``proxy.sip.relay``) pass every response, every
+ACK for a 2xx and every other request of a dialog on exactly as the general
+path does.
 
 Responses, two proofs.  Where ``scan_response`` reads a response at all, the
 general parser reads it too, without error, and agrees on the status, the
@@ -17,6 +18,14 @@ ACK as SIPp writes it, changed in every way the general path must see
 (§16.3 Max-Forwards and Proxy-Require, §16.4 Routes of someone else's or a
 strict router's, §16.6 step 8 where our Via goes, names to resolve,
 damaged bytes), and must send the same.
+
+The dialog's other requests (BYE, INFO, UPDATE...), likewise: everyday ones
+from the client over UDP and TCP, towards a UDP or TCP pool, a 12 KB INFO,
+the pool's own over the client's flow; what follows them (the pool answers
+200, 481 or 503, or never; the client sends again; the pool is unreachable:
+pcproxy then answers from the request it parses only then); generated and
+damaged BYEs.  Two elements also hold the same transactions, contexts and
+timers when each scenario is over.
 """
 
 from __future__ import annotations
@@ -31,15 +40,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.element import Listener
+from proxy.element import Element, Listener, Output
+from proxy.resolve import Target
 from proxy.sip.client_transaction import client_key, response_key
 from proxy.sip.errors import SipError
 from proxy.sip.message import Response, parse
 from proxy.sip.peer import Peer
 from proxy.sip.proxy_core import strip_own_via
-from proxy.sip.relay import scan_ack, scan_response, strip_top_via
+from proxy.sip.relay import scan_in_dialog, scan_response, strip_top_via
 
-from .sipmsg import CLIENT_VIA, ack_for, cancel_for
+from .sipmsg import CLIENT_VIA, ack_for, cancel_for, field_values, reply_to
 from .test_proxy_element import (
     CLIENT_TCP,
     CLIENT_UDP,
@@ -47,6 +57,7 @@ from .test_proxy_element import (
     NAMES,
     POOL1,
     POOL2,
+    POOL_TCP,
     SPACINGS,
     Client,
     Fault,
@@ -454,9 +465,13 @@ def transcript(scenario: Scenario, fast: bool) -> tuple[list[object], dict[str, 
     timer to the end."""
     with same_randomness():
         net = scenario(fast)
+        element = net.element
+        tables = (element.transactions, element.clients, element._by_server)
+        held: list[object] = [sorted(map(repr, table)) for table in tables]  # when it is over
+        held.append([len(element.contexts), len(element._accepted), len(element.timers)])
         net.advance(600.0)
     sent: list[object] = [(at, s.data, s.peer) for at, s in net.sent]
-    return sent + net.notes + net.marked, dict(net.element.counters)
+    return sent + net.notes + net.marked + held, dict(net.element.counters)
 
 
 def sent_data(record: tuple[list[object], dict[str, int]]) -> list[bytes]:
@@ -535,7 +550,7 @@ def test_an_everyday_ack_takes_the_fast_path_to_the_pool(client: Peer) -> None:
 
     fast = transcript(acked(ack_of, client), fast=True)
     assert fast == transcript(acked(ack_of, client), fast=False)
-    assert scan_ack(seen[0], 65535, 128) is not None
+    assert scan_in_dialog(seen[0], 65535, 128) is not None
     (at_pool,) = [data for data in sent_data(fast) if data.startswith(b"ACK ")]
     assert b"Route" not in at_pool and b"Max-Forwards: 69\r\n" in at_pool
     assert fast[1]["in_dialog"] == 1
@@ -626,7 +641,7 @@ def test_our_via_goes_before_the_first_via_wherever_the_edited_lines_are(
 
     fast = transcript(acked(ack_of), fast=True)
     assert fast == transcript(acked(ack_of), fast=False)
-    assert scan_ack(seen[0], 65535, 128) is not None
+    assert scan_in_dialog(seen[0], 65535, 128) is not None
     (at_pool,) = [data for data in sent_data(fast) if data.startswith(b"ACK ")]
     lines = at_pool.split(b"\r\n")
     theirs = next(i for i, line in enumerate(lines) if line.startswith(b"Via: SIP/2.0/UDP 192."))
@@ -672,7 +687,7 @@ def test_the_pools_ack_goes_back_over_the_clients_flow_alike() -> None:
         net.advance()
         (at_pool,) = pool.got(b"INVITE ")
         ack = pool_in_dialog("ACK", pool, at_pool)
-        assert scan_ack(ack, 65535, 128) is not None
+        assert scan_in_dialog(ack, 65535, 128) is not None
         pool.send(ack)
         return net
 
@@ -694,7 +709,7 @@ def test_an_ack_for_an_invite_still_pending_is_left_to_the_general_path() -> Non
         net.advance()
         (ringing,) = uac.got(b"SIP/2.0 180 ")
         ack = client_in_dialog("ACK", ringing, cseq=1).replace(b"z9hG4bK-ACK1", b"z9hG4bK-c1")
-        assert scan_ack(ack, 65535, 128) is not None
+        assert scan_in_dialog(ack, 65535, 128) is not None
         uac.send(ack)
         return net
 
@@ -722,3 +737,270 @@ def test_the_name_addr_cache_is_emptied_when_full() -> None:
             data = EVERYDAY_200.replace(b"tag=pool-1", b"tag=pool-%d" % n)
             assert agree(data)
             assert len(scanning._everyday) <= 2
+
+
+# the requests of a dialog: BYE, INFO, UPDATE... -----------------------------------------------
+class DialogPool(Pool):
+    """A pool that answers the requests of the dialog with ``status``, or
+    never (None); the INVITE as scripted."""
+
+    def __init__(self, name: str, target: Target, status: int | None) -> None:
+        super().__init__(name, target, (180, 200))
+        self.status = status
+
+    def react(self, data: bytes) -> None:
+        if data.startswith((b"INVITE ", b"CANCEL ", b"ACK ", b"SIP/2.0 ")):
+            super().react(data)
+        elif self.status is not None:
+            reason = "OK" if self.status == 200 else "Refused"
+            self.send(reply_to(data, self.status, reason, to_tag="p1"))
+
+
+@contextmanager
+def fast_in_dialog() -> Iterator[list[bytes]]:
+    """The requests the element forwarded by ``_fast_in_dialog``."""
+    taken: list[bytes] = []
+    real = Element._fast_in_dialog
+
+    def spy(self: Element, data: bytes, peer: Peer, now: float) -> list[Output] | None:
+        out = real(self, data, peer, now)
+        if out is not None:
+            taken.append(data)
+        return out
+
+    with patch.object(Element, "_fast_in_dialog", spy):
+        yield taken
+
+
+def in_dialog(
+    request_of: Callable[[bytes], bytes],
+    *,
+    client: Peer = CLIENT_UDP,
+    pool: Target = POOL1,
+    status: int | None = 200,
+    then: Callable[[Network, Client, bytes], None] | None = None,
+) -> Scenario:
+    """A call answered 200 and ACKed, then the client's request as
+    ``request_of`` writes it from the 200; the pool answers it with
+    ``status`` (None: never); ``then`` does what follows."""
+
+    def run(fast: bool) -> Network:
+        net, uac = _wire(DialogPool("pool1", pool, status), fast=fast, client=client)
+        net.nodes = Anywhere(net, net.nodes)
+        uac.call(invite(client))
+        net.advance()
+        (final,) = uac.got(b"SIP/2.0 200 ")
+        uac.send(client_in_dialog("ACK", final, cseq=1, peer=client))
+        net.advance()
+        request = request_of(final)
+        uac.send(request)
+        if then is not None:
+            then(net, uac, request)
+        return net
+
+    return run
+
+
+def everyday(method: str, client: Peer = CLIENT_UDP) -> Callable[[bytes], bytes]:
+    return lambda final: client_in_dialog(method, final, cseq=2, peer=client)
+
+
+def alike(scenario: Scenario) -> tuple[list[object], dict[str, int]]:
+    """The transcript of ``scenario``, the same with the fast paths as without."""
+    fast = transcript(scenario, fast=True)
+    assert fast == transcript(scenario, fast=False)
+    return fast
+
+
+@pytest.mark.parametrize("method", ["BYE", "INFO", "UPDATE"])
+@pytest.mark.parametrize(
+    ("client", "pool"), [(CLIENT_UDP, POOL1), (CLIENT_TCP, POOL1), (CLIENT_UDP, POOL_TCP)]
+)
+def test_an_everyday_request_of_the_dialog_takes_the_fast_path(
+    method: str, client: Peer, pool: Target
+) -> None:
+    scenario = in_dialog(everyday(method, client), client=client, pool=pool)
+    with fast_in_dialog() as taken:
+        record = alike(scenario)
+    assert [data.split(b" ", 1)[0] for data in taken] == [method.encode()]
+    (at_pool,) = [d for d in sent_data(record) if d.startswith(method.encode() + b" ")]
+    assert b"Route" not in at_pool and b"Max-Forwards: 69\r\n" in at_pool
+    assert at_pool.startswith(taken[0].split(b"\r\n", 1)[0] + b"\r\nVia: SIP/2.0/")
+    (answer,) = [
+        d for d in sent_data(record) if d.startswith(b"SIP/2.0 200 ") and method.encode() in d
+    ]
+    assert b"127.0.0.1" not in answer.split(b"\r\n\r\n")[0]  # our Via gone
+    assert record[1]["requests." + method] == 1
+
+
+def test_a_12_kb_info_goes_through_byte_for_byte() -> None:
+    body = b"<xccos>" + b"x" * 12000 + b"</xccos>"
+
+    def info(final: bytes) -> bytes:
+        data = client_in_dialog("INFO", final, cseq=2, peer=CLIENT_TCP)
+        head = data.replace(
+            b"Content-Length: 0", b"Content-Type: text/xml\r\nContent-Length: %d" % len(body)
+        )
+        return head + body
+
+    with fast_in_dialog() as taken:
+        record = alike(in_dialog(info, client=CLIENT_TCP))
+    assert len(taken) == 1
+    (at_pool,) = [d for d in sent_data(record) if d.startswith(b"INFO ")]
+    assert at_pool.endswith(b"\r\n\r\n" + body)
+
+
+def _then_again(delay: float) -> Callable[[Network, Client, bytes], None]:
+    def again(net: Network, uac: Client, request: bytes) -> None:
+        net.advance(delay)
+        uac.send(request)
+
+    return again
+
+
+def _then_the_pool_fails(net: Network, uac: Client, request: bytes) -> None:
+    net.advance(0.1)
+    net.apply(net.element.transport_failed(Peer("udp", POOL1.address, POOL1.port), net.now))
+
+
+#: (pool's answer, what follows): each alike with and without the fast path.
+OUTCOMES: dict[str, tuple[int | None, Callable[[Network, Client, bytes], None] | None]] = {
+    "answered 200": (200, None),
+    "refused with 481": (481, None),
+    "refused with 503": (503, None),
+    "never answered": (None, None),
+    "sent again after the answer": (200, _then_again(0.2)),
+    "sent again while unanswered": (None, _then_again(0.5)),
+    "its pool unreachable": (None, _then_the_pool_fails),
+}
+
+
+@pytest.mark.parametrize("outcome", sorted(OUTCOMES))
+@pytest.mark.parametrize("client", [CLIENT_UDP, CLIENT_TCP])
+def test_a_bye_ends_alike_with_and_without_the_fast_path(outcome: str, client: Peer) -> None:
+    """What follows a fast-forwarded BYE (a retransmission, a silent or
+    refusing pool, pcproxy's own final answer and its notes, which parse
+    the request only then) is what follows a BYE the general path took."""
+    status, then = OUTCOMES[outcome]
+    scenario = in_dialog(everyday("BYE", client), client=client, status=status, then=then)
+    with fast_in_dialog() as taken:
+        record = alike(scenario)
+    # a retransmission is the general path's while the server transaction
+    # lasts; over TCP it ends with the answer (Timer J is 0, §17.2.2), and a
+    # BYE sent again is a new one
+    again = outcome == "sent again after the answer" and client.reliable
+    assert len(taken) == (2 if again else 1)
+    if status is None:  # pcproxy answered for the pool, from the request it parsed then
+        (own,) = [d for d in sent_data(record) if d.startswith((b"SIP/2.0 408", b"SIP/2.0 503"))]
+        assert b"CSeq: 2 BYE\r\n" in own and b"ms-diagnostics: " in own
+
+
+def test_the_pools_request_goes_back_over_the_clients_flow_by_the_fast_path() -> None:
+    def pool_info(fast: bool) -> Network:
+        pool = Pool("pool1", POOL1, (180, 200))
+        net, uac = _wire(pool, fast=fast, client=CLIENT_TCP)
+        uac.call(invite(CLIENT_TCP))
+        net.advance()
+        (at_pool,) = pool.got(b"INVITE ")
+        pool.send(pool_in_dialog("INFO", pool, at_pool))
+        return net
+
+    with fast_in_dialog() as taken:
+        record = alike(pool_info)
+    assert len(taken) == 1
+    (to_client,) = [e for e in record[0] if isinstance(e, tuple) and e[1].startswith(b"INFO ")]
+    assert to_client[2] == CLIENT_TCP
+
+
+def as_bye(text: bytes) -> bytes:
+    """A change to the everyday ACK (CSeq 1) made to the everyday BYE (CSeq 2)."""
+    return text.replace(b"ACK", b"BYE").replace(b"CSeq: 1 ", b"CSeq: 2 ")
+
+
+#: The ACK's changes made to a BYE, and a few of the BYE's own.
+BYE_CHANGES: list[tuple[bytes, bytes]] = [
+    (as_bye(old), as_bye(new)) for old, new in ACK_CHANGES if as_bye(old) != as_bye(new)
+] + [
+    (b"CSeq: 2 BYE", b"CSeq: 2 INFO"),
+    (b"BYE sip:", b"INFO sip:"),
+    (b"BYE sip:", b"bye sip:"),
+    (b"z9hG4bK-BYE2;rport", b"z9hG4bK-BYE2;maddr=192.0.2.99;rport"),
+    (b"z9hG4bK-BYE2;rport", b"z9hG4bK-BYE2"),
+    (b"z9hG4bK-BYE2;rport", b"z9hG4bK-BYE2;branch=z9hG4bK-other"),
+    (b"192.0.2.10:5062;", b"192.0.2.10:5070;"),
+    (b"192.0.2.10:5062;", b"192.0.2.10;"),
+    (b"Content-Length: 0\r\n\r\n", b"Content-Length: 3\r\n\r\nabc"),
+    (b"Content-Length: 0\r\n\r\n", b"Content-Length: 2\r\n\r\nabc"),
+    (b"BYE sip:pool@192.0.2.21:5060", b"BYE sip:pool@192.0.2.21:5060;maddr=x"),
+    (b"BYE sip:pool@192.0.2.21:5060", b"BYE sip:pool@192.0.2.21:99999"),
+    (b"BYE sip:pool@192.0.2.21:5060", b"BYE sip:"),
+]
+
+
+@pytest.mark.parametrize(("old", "new"), BYE_CHANGES)
+def test_each_change_to_a_bye_is_forwarded_or_left_alike(old: bytes, new: bytes) -> None:
+    def bye_of(final: bytes) -> bytes:
+        bye = client_in_dialog("BYE", final, cseq=2)
+        assert old in bye
+        return bye.replace(old, new, 1)
+
+    alike(in_dialog(bye_of, status=None))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    changes=st.lists(st.sampled_from(BYE_CHANGES), max_size=3),
+    client=st.sampled_from([CLIENT_UDP, CLIENT_TCP]),
+    status=st.sampled_from([200, 503, None]),
+)
+def test_generated_byes_are_forwarded_alike_with_and_without_the_fast_path(
+    changes: list[tuple[bytes, bytes]], client: Peer, status: int | None
+) -> None:
+    def bye_of(final: bytes) -> bytes:
+        bye = client_in_dialog("BYE", final, cseq=2, peer=client)
+        for old, new in changes:
+            bye = bye.replace(old, new, 1)
+        return bye
+
+    alike(in_dialog(bye_of, client=client, status=status))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cut=st.integers(0, 400), junk=st.binary(max_size=3) | st.just(b"\r\n "))
+def test_a_damaged_bye_is_forwarded_or_left_alike(cut: int, junk: bytes) -> None:
+    def bye_of(final: bytes) -> bytes:
+        bye = client_in_dialog("BYE", final, cseq=2)
+        return bye[:cut] + junk + bye[cut:]
+
+    alike(in_dialog(bye_of))
+
+
+def test_the_everyday_bye_of_the_generated_changes_takes_the_fast_path() -> None:
+    """The changes above start from a BYE the fast path reads (so they test it)."""
+    with fast_in_dialog() as taken:
+        alike(in_dialog(everyday("BYE")))
+    assert len(taken) == 1 and b"branch=z9hG4bK-BYE2;rport" in taken[0]
+
+
+def test_a_context_of_bytes_parses_them_when_asked() -> None:
+    """A context the fast path opened gives, when something asks, what the
+    general path's holds: the request as received, the request to forward
+    (its Route lines, all pcproxy's, gone: §16.4) and the top Via."""
+    from proxy.element import Context
+    from proxy.sip.transaction import NonInviteServerTransaction, Timers
+
+    net, uac = _wire(Pool("pool1", POOL1, (180, 200)), fast=True)
+    uac.call(invite())
+    net.advance()
+    (final,) = uac.got(b"SIP/2.0 200 ")
+    bye = client_in_dialog("BYE", final, cseq=2)
+    txn = NonInviteServerTransaction(("b", "s", "BYE"), CLIENT_UDP, Timers(), "t")
+    ctx = Context.of_bytes(1, txn, CLIENT_UDP, bye, CLIENT_UDP, "BYE")
+    assert ctx.method == "BYE"
+    received = parse(bye)
+    assert bytes(ctx.received) == bytes(received) and ctx.received is ctx.received
+    assert ctx.via.branch == "z9hG4bK-BYE2" and ctx.via.sent_by == "192.0.2.10:5062"
+    assert "route" not in ctx.request.keys
+    assert bytes(ctx.request) == bye.replace(
+        b"Route: " + field_values(bye, "route")[0] + b"\r\n", b""
+    )
