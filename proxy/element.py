@@ -64,6 +64,7 @@ from proxy.sip.proxy_core import (
     cancel_of,
     choose_best,
     forward,
+    loop_hash,
     preprocess_routes,
     stateless_unique,
     strip_own_via,
@@ -73,9 +74,12 @@ from proxy.sip.proxy_core import (
 from proxy.sip.redirect import build_final, scan
 from proxy.sip.relay import (
     IN_DIALOG_STARTS,
+    ScannedInvite,
     ScannedResponse,
     forward_in_dialog,
+    forward_invite,
     scan_in_dialog,
+    scan_invite,
     scan_response,
     strip_top_via,
 )
@@ -101,7 +105,7 @@ from proxy.sip.transaction import (
     transaction_key,
 )
 from proxy.sip.uri import SipUri, aor_key_of, parse_uri
-from proxy.store import Snapshot
+from proxy.store import Endpoint, Snapshot
 
 ALLOW = "INVITE, ACK, CANCEL, OPTIONS, SUBSCRIBE, NOTIFY, INFO, UPDATE, BYE, MESSAGE"
 ACCEPT = "application/sdp"
@@ -252,6 +256,7 @@ Output = Send | Resolve | MarkFailed | Note
 #: Stands for the request of a context whose INVITE was answered: for 64*T1
 #: the context only absorbs retransmissions, and keeps no message alive.
 _ANSWERED = Request(method="INVITE")
+_ANSWERED_VIA = Via("UDP", "answered.invalid", None, [])
 
 
 class Way(NamedTuple):
@@ -290,6 +295,7 @@ class Context:
         "_received",
         "_via",
         "_data",
+        "scanned",
         "peer",
         "method",
         "tls_name",
@@ -329,6 +335,8 @@ class Context:
         self._received = received
         self._via = via
         self._data = data
+        #: The fast path's scan of an INVITE or SUBSCRIBE (``_fast_proxy``).
+        self.scanned: ScannedInvite | None = None
         self.peer = peer
         self.method = received.method if received is not None else method
         self.tls_name = ""
@@ -356,6 +364,20 @@ class Context:
         this proxy (``Element._fast_in_dialog``): ``request`` is the received
         one without them."""
         return cls(ref, server, dest, None, None, None, peer, method, data)
+
+    @property
+    def data(self) -> bytes:
+        """The request's bytes, for a context ``of_bytes``."""
+        return self._data
+
+    def forget(self) -> None:
+        """Keep nothing of the request: the INVITE was answered (a 2xx), and
+        for 64*T1 the context only absorbs retransmissions."""
+        self._request = self._received = _ANSWERED
+        if self._via is None:
+            self._via = _ANSWERED_VIA
+        self._data = b""
+        self.scanned = None
 
     @property
     def received(self) -> Request:
@@ -399,6 +421,7 @@ class Context:
 _BLANK = b"\r\n\t "
 
 _STATUS_302 = b"SIP/2.0 302 Moved Temporarily\r\n"
+_STATUS_100 = b"SIP/2.0 100 Trying\r\n"
 #: How the requests ``proxy.sip.redirect`` reads begin (INVITE, SUBSCRIBE).
 _FAST_METHODS = frozenset((b"INVI", b"SUBS"))
 #: The first Via of a datagram: sent-by and an RFC 3261 branch (§8.1.1.7).
@@ -561,9 +584,10 @@ class Element:
         self._ref = 0
         self._tag_prefix = os.urandom(4).hex()
         self._tag_seq = 0
-        #: Request-URI -> (Contact line, endpoint address) of redirect
-        #: endpoints, for the snapshot it was computed from.
-        self._redirects: dict[bytes, tuple[bytes, str] | None] = {}
+        #: Request-URI -> (Contact line, endpoint address) of a redirect
+        #: endpoint, or the endpoint to proxy to, for the snapshot it was
+        #: computed from.
+        self._redirects: dict[bytes, tuple[bytes, str] | Endpoint | None] = {}
         self._redirects_of: Snapshot | None = None
         #: (Route lines, Request-URI, tokens checked) -> ``_own_routes``.
         self._routed: dict[tuple[tuple[str, ...], str, bool], OwnRoutes] = {}
@@ -596,7 +620,7 @@ class Element:
                 forwarded = self._fast_ack(data)
                 if forwarded is not None:
                     return forwarded
-        elif self.config.fast_redirect and data[:4] in _FAST_METHODS:
+        elif data[:4] in _FAST_METHODS:
             out = self._fast_redirect(data, peer, now)
             if out is not None:
                 return out
@@ -695,20 +719,26 @@ class Element:
 
     def _fast_redirect(self, data: bytes, peer: Peer, now: float) -> list[Output] | None:
         """The 302 to an everyday INVITE or SUBSCRIBE for a redirect
-        endpoint (``proxy.sip.redirect``), or None: take the general path.
+        endpoint (``proxy.sip.redirect``), the proxy's fast start for one
+        for a proxy endpoint (``_fast_proxy``), or None: take the general
+        path.
 
         The server transaction is the general path's own, so a
         retransmission, the ACK and a CANCEL find it whichever path made it.
         """
         if self.draining:
             return None
-        # the Request-URI first: in proxy mode nothing here is redirected,
-        # and the scan would be wasted (the URI is checked again by scan)
+        # the Request-URI first: which endpoint, if any, and so which of the
+        # two fast paths (either scan checks the URI again)
         start = data.find(b" ") + 1
         contact = self._redirect_of(data[start : data.find(b" ", start, 1024)])
-        if contact is None:
-            return None
+        if type(contact) is not tuple:
+            if contact is None or not self.config.fast_relay:
+                return None
+            return self._fast_proxy(data, peer, contact, now)  # type: ignore[arg-type]
         cfg = self.config
+        if not cfg.fast_redirect:
+            return None
         scanned = scan(data, cfg.max_message_size, cfg.max_headers)
         if scanned is None:
             return None
@@ -728,6 +758,60 @@ class Element:
         counters["redirect_by." + contact[1]] += 1
         response = build_final(scanned, _STATUS_302, contact[0], tag, peer.host, peer.port)
         return self._run(txn, ResponseSent(302, response), now)  # type: ignore[return-value]
+
+    def _fast_proxy(
+        self, data: bytes, peer: Peer, endpoint: Endpoint, now: float
+    ) -> list[Output] | None:
+        """An everyday INVITE or SUBSCRIBE for a proxy endpoint
+        (``proxy.sip.relay.scan_invite``): the server transaction, the
+        context, the 100 Trying and the RFC 3263 look-up of ``_start_proxy``,
+        from one scan of its bytes; or None: take the general path.
+
+        The context keeps the scan, which ``_forward_to`` writes the
+        forwarded request from; it parses the bytes only if something asks
+        for the request later (an answer of pcproxy's own, a note)."""
+        cfg = self.config
+        scanned = scan_invite(data, cfg.max_message_size, cfg.max_headers)
+        if scanned is None:
+            return None
+        head = scanned.head
+        key = (head.branch, head.sent_by, head.method)
+        if key in self.transactions or key in self._by_server:
+            return None  # a retransmission: the general path answers it
+        if not scanned.one_via and self._names_me(head.vias):
+            return None  # a Via of ours below the top: §16.3 step 4 decides
+        method = head.method
+        counters = self.counters
+        counters["requests." + method] += 1
+        dest = sender_peer(head.via_port, head.rport is not None, peer)  # no maddr here
+        invite = method == "INVITE"
+        txn_cls = InviteServerTransaction if invite else NonInviteServerTransaction
+        txn = txn_cls(key, dest, cfg.timers, self._new_tag())
+        self._ref += 1
+        ctx = Context.of_bytes(self._ref, txn, dest, data, peer, method)
+        ctx.scanned = scanned
+        self.contexts[ctx.ref] = ctx
+        self.transactions[key] = txn
+        self._by_server[key] = ctx
+        ctx.tls_name = endpoint.pool_fqdn
+        ctx.record_route = cfg.record_route and method in DIALOG_CREATING
+        counters["proxied"] += 1
+        counters["forward_by." + endpoint.sip_address] += 1
+        out: list[Output] = []
+        if invite:  # §16.2
+            trying = build_final(head, _STATUS_100, b"", None, peer.host, peer.port)
+            out += self._run(txn, ResponseSent(100, trying), now)
+        out.append(
+            Resolve(ctx.ref, endpoint.pool_fqdn, endpoint.pool_port, endpoint.pool_transport)
+        )
+        return out
+
+    def _names_me(self, vias: list[bytes]) -> bool:
+        """Whether any of these Via lines could name this proxy: one of its
+        hosts appears in them (``_is_my_via`` compares the host, so a Via
+        without one of them in its text is not ours)."""
+        text = b"".join(vias).decode("latin-1").lower()
+        return any(host in text for host, _ in self._addresses)
 
     def _fast_ack(self, data: bytes) -> list[Output] | None:
         """The ACK for a 2xx of a dialog this proxy Record-Routed, forwarded
@@ -853,10 +937,11 @@ class Element:
         suffix = b";rport" if transport == "udp" else b""
         return Way(prefix.encode("latin-1"), suffix, peer, target, flow, tls_name)
 
-    def _redirect_of(self, uri: bytes) -> tuple[bytes, str] | None:
+    def _redirect_of(self, uri: bytes) -> tuple[bytes, str] | Endpoint | None:
         """The Contact line of the 302 for this Request-URI and the
-        endpoint's address, or None (not a redirect endpoint: the general
-        path answers); remembered per snapshot."""
+        endpoint's address, or the endpoint a request for it is proxied to,
+        or None (no endpoint, or a URI to read again: the general path
+        answers); remembered per snapshot."""
         if self._redirects_of is not self.snapshot:
             self._redirects = {}
             self._redirects_of = self.snapshot
@@ -866,15 +951,18 @@ class Element:
             pass
         text = uri.decode("latin-1")
         try:
+            parsed = parse_uri(text)
             decision = routing.decide(
-                self.snapshot, parse_uri(text), self.config.default_mode, aor_key_of(text)
+                self.snapshot, parsed, self.config.default_mode, aor_key_of(text)
             )
         except UriError:
             return None
-        found = None
+        found: tuple[bytes, str] | Endpoint | None = None
         if isinstance(decision, routing.Redirect):
             contact = decision.contact.encode("latin-1")
             found = (b"Contact: %s\r\n" % contact, decision.endpoint.sip_address)
+        elif isinstance(decision, routing.Forward) and parsed.user is not None:
+            found = decision.endpoint  # _answer decides only for a URI with a user
         _remember(self._redirects, uri, found, len(uri))
         return found
 
@@ -1264,7 +1352,11 @@ class Element:
             return None
         cfg = self.config
         stateless = ctx.method == "ACK"
-        if not ctx.in_dialog:  # the branch carries the loop hash (§16.6 step 8)
+        scanned = ctx.scanned
+        if scanned is not None:  # the fast path's: branch_for of the fields it read
+            loop = loop_hash(scanned.loop_fields, cfg.secret)
+            branch = "%s%s.%s" % (MAGIC_COOKIE, loop, secrets.token_hex(8))
+        elif not ctx.in_dialog:  # the branch carries the loop hash (§16.6 step 8)
             branch = branch_for(ctx.received, cfg.secret)
         elif stateless:  # §16.11: the same branch for every retransmission
             branch = MAGIC_COOKIE + stateless_unique(ctx.received)
@@ -1278,11 +1370,19 @@ class Element:
         if target.transport == "udp":
             via_value += ";rport"
         rr = self._record_route_value(ctx, listener) if ctx.record_route else None
-        try:
-            fwd = forward(ctx.request, target_uri=None, via_value=via_value, record_route_value=rr)
-        except SipError as exc:
-            ctx.targets = []
-            return self._own_final(ctx, exc.status, (DIAG_BAD_REQUEST, exc.reason), now)
+        fwd: Request | bytes
+        if scanned is not None:
+            rr_line = b"" if rr is None else b"Record-Route: %s\r\n" % rr.encode("latin-1")
+            via_line = b"Via: %s\r\n" % via_value.encode("latin-1")
+            fwd = forward_invite(scanned, ctx.data, via_line, rr_line)
+        else:
+            try:
+                fwd = forward(
+                    ctx.request, target_uri=None, via_value=via_value, record_route_value=rr
+                )
+            except SipError as exc:
+                ctx.targets = []
+                return self._own_final(ctx, exc.status, (DIAG_BAD_REQUEST, exc.reason), now)
         if flow is not None:
             peer = flow
         else:
@@ -1488,7 +1588,7 @@ class Element:
                 self.timers.arm(ctx, "L", 64 * self.config.timers.t1, now)
                 # what lingers needs only the keys and the client's address
                 ctx.client, ctx.targets, ctx.finals = None, None, []
-                ctx.request = ctx.received = _ANSWERED
+                ctx.forget()
             else:
                 self._done(ctx)
             return out

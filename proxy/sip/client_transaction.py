@@ -239,9 +239,12 @@ class InviteClientTransaction(ClientTransaction):
     TIMEOUT = "B"
     WAIT = "D"
 
-    def __init__(self, request: Request, peer: Peer, timers: Timers, branch: str = "") -> None:
-        if request.method != "INVITE":
-            raise TransactionError("InviteClientTransaction for %s" % request.method)
+    def __init__(
+        self, request: Request | bytes, peer: Peer, timers: Timers, branch: str = ""
+    ) -> None:
+        method = request.method if isinstance(request, Request) else _method_of(request)
+        if method != "INVITE":
+            raise TransactionError("InviteClientTransaction for %s" % method)
         super().__init__(request, peer, timers, branch)
         self.ack: bytes | None = None
 
@@ -303,9 +306,9 @@ class NonInviteClientTransaction(ClientTransaction):
     def __init__(
         self, request: Request | bytes, peer: Peer, timers: Timers, branch: str = ""
     ) -> None:
-        method = request.method if isinstance(request, Request) else request[:7].partition(b" ")[0]
-        if method in ("INVITE", "ACK", b"INVITE", b"ACK"):
-            raise TransactionError("NonInviteClientTransaction for %r" % method)
+        method = request.method if isinstance(request, Request) else _method_of(request)
+        if method in ("INVITE", "ACK"):
+            raise TransactionError("NonInviteClientTransaction for %s" % method)
         super().__init__(request, peer, timers, branch)
 
     def _timer(self, event: TimerFired) -> list[Action]:
@@ -357,6 +360,11 @@ def build_ack(request: Request, response: bytes) -> bytes:
     if not isinstance(msg, Response) or request.cseq is None:
         raise TransactionError("cannot acknowledge: not a response to a parsed request")
     return hop_request("ACK", request, msg.raw_lines("to"))
+
+
+def _method_of(data: bytes) -> str:
+    """The method of a request's bytes (its first word)."""
+    return data[: data.find(b" ", 0, 32)].decode("latin-1")
 
 
 def client_key(branch: str, method: str) -> tuple[str, str]:

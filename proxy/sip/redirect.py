@@ -215,7 +215,7 @@ def build_final(
     scanned: Scanned,
     status_line: bytes,
     extra: bytes,
-    to_tag: str,
+    to_tag: str | None,
     source_host: str,
     source_port: int,
 ) -> bytes:
@@ -223,14 +223,17 @@ def build_final(
     the Via lines (the top one with ``received`` and ``rport`` filled in,
     §18.2.1, RFC 3581 §4), From, To with ``to_tag``, Call-ID and CSeq as
     they came, ``extra`` (whole lines, each ending in CRLF) and
-    ``Content-Length: 0``.
+    ``Content-Length: 0``.  A 100 Trying (``to_tag`` None) keeps the To
+    as it came (§8.2.6.2).
 
     The line order is ``make_response``'s: the Via lines in place when none
     changes, else first.
     """
-    copied = list(scanned.copied)
-    i = scanned.to_index
-    copied[i] = copied[i] + b";tag=" + to_tag.encode()
+    copied = scanned.copied
+    if to_tag is not None:
+        copied = list(copied)
+        i = scanned.to_index
+        copied[i] = copied[i] + b";tag=" + to_tag.encode()
     rport = scanned.rport
     if rport != "" and scanned.via_host.strip("[]") == source_host:
         lines = copied

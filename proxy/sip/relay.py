@@ -59,14 +59,17 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+from proxy.sip.redirect import Scanned
 from proxy.sip.scan import (
     LWS,
     MAX_FORWARDS,
     NAME_ADDR_RE,
     NAMES,
     PROXY_REQUIRE,
+    RECORD_ROUTE,
     REQUIRE,
     ROUTE,
+    TO,
     VIA,
     branch_of,
     call_id_ok,
@@ -257,7 +260,7 @@ def scan_in_dialog(data: bytes, max_size: int, max_headers: int) -> ScannedReque
             if key is None:
                 return None
         line_at, at = at, at + len(raw) + 2
-        if key < 0 or key == REQUIRE:
+        if key < 0 or key == REQUIRE or key > PROXY_REQUIRE:
             continue
         if key == VIA:
             if first_via < 0:
@@ -352,5 +355,209 @@ def forward_in_dialog(scanned: ScannedRequest, data: bytes, via_line: bytes) -> 
     if at <= first_via:
         parts += (data[at:first_via], via_line)
         at = first_via
+    parts.append(data[at:])
+    return b"".join(parts)
+
+
+#: RFC 3261 §7.1: the requests a legacy client sends to the chat URI.
+_OUT_OF_DIALOG_LINE = re.compile(rb"(INVITE|SUBSCRIBE) (sips?:[^ \r\n]+) SIP/2\.0\r\n")
+
+
+class ScannedInvite(NamedTuple):
+    """What a stateful proxy needs of an INVITE or SUBSCRIBE for the pool
+    to answer it with 100 Trying and forward it (§16.2-§16.6)."""
+
+    #: What the 100 Trying copies, as the redirect's fast path reads it
+    #: (``proxy.sip.redirect.build_final``), and the server transaction's key.
+    head: Scanned
+    #: Every Via value of the request is on its first line: no Via below it
+    #: can be one of pcproxy's (§16.3 step 4 has nothing to check).
+    one_via: bool
+    #: The fields of ``proxy_core.loop_part`` as the general parser reads
+    #: them, in its order (§16.6 step 8; no Route, Proxy-Require or
+    #: Proxy-Authorization here).
+    loop_fields: list[str]
+    #: Where ``forward`` puts pcproxy's Via (the first Via line) and its
+    #: Record-Route (the first Record-Route line, else after the last Via
+    #: line), and the (start, end, replacement) of the Max-Forwards value.
+    first_via: int
+    record_route_at: int
+    max_forwards: tuple[int, int, bytes]
+
+
+def scan_invite(data: bytes, max_size: int, max_headers: int) -> ScannedInvite | None:
+    """Read an everyday INVITE or SUBSCRIBE outside a dialog, or say
+    ``None``: take the general path.
+
+    What it accepts is what ``scan_in_dialog`` accepts of the header lines,
+    with: the request line ``INVITE|SUBSCRIBE sip:...`` (§7.1, §16.3 step
+    2), a To without a tag (§12.2.2), no Route (§16.4 has nothing to do)
+    and no Proxy-Require (§16.3 step 5), no Proxy-Authorization and no
+    Timestamp (the loop-detection hash and the 100 Trying would read them,
+    §16.6 step 8, §8.2.6.1), a top Via line of one value with no ``maddr``
+    (§18.2.2), a Max-Forwards above 0 and a Content-Length the body fills
+    exactly (§16.3 step 3, §18.3)."""
+    section = header_section(data, _OUT_OF_DIALOG_LINE, max_size, max_headers)
+    if section is None:
+        return None
+    start, lines, end = section
+    slots: list[bytes | None] = [None, None, None, None, None, None, None, None]
+    vias: list[bytes] = []
+    copied: list[bytes] = []
+    first_via = last_via = record_route_at = -1
+    to_index = -1
+    max_forwards = (0, 0, b"")
+    at = start.end()
+    names = NAMES
+    for raw in lines:
+        colon = raw.find(b":")
+        if colon < 0:
+            return None
+        key = names.get(raw[:colon])
+        if key is None:
+            key = slot_of(raw[:colon])
+            if key is None:
+                return None
+        line_at, at = at, at + len(raw) + 2
+        if key < 0 or key == REQUIRE:
+            continue  # a proxy ignores Require (§16.3)
+        if key == VIA:
+            if first_via < 0:
+                first_via = line_at
+                slots[VIA] = raw[colon + 1 :]
+            last_via = at
+            vias.append(raw)
+            copied.append(raw)
+            continue
+        if key == RECORD_ROUTE:
+            if record_route_at < 0:
+                record_route_at = line_at
+            continue
+        if key > REQUIRE or slots[key] is not None:
+            return None  # Route, Proxy-Require..., or a second one: the general path decides
+        value = raw[colon + 1 :]
+        slots[key] = value
+        if key < MAX_FORWARDS:
+            if key == TO:
+                to_index = len(copied)
+            copied.append(raw)
+        elif key == MAX_FORWARDS:
+            value = value.strip(LWS)
+            hops = _HOPS.get(value)
+            if hops is None:
+                return None  # 0 (483), or written oddly
+            value_at = line_at + raw.rindex(value, colon)
+            max_forwards = (value_at, value_at + len(value), hops)
+    top_via, from_v, to_v, call_id, cseq, max_fwd, length, _ = slots
+    if (
+        top_via is None
+        or from_v is None
+        or to_v is None
+        or call_id is None
+        or cseq is None
+        or max_fwd is None
+        or length is None
+        or not length_ok(length, len(data) - end - 4, exact=True)
+        or not call_id_ok(call_id)
+    ):
+        return None
+    method = start.group(1)
+    number_method = cseq_of(cseq)
+    if number_method is None or number_method[1] != method:
+        return None
+    if b"," in top_via:
+        return None
+    via = everyday_via(top_via)
+    if via is None or not via.group(4):
+        return None
+    transport, host, port, paramtext = via.groups()
+    branch = rport = None
+    received = False
+    for item in paramtext[1:].split(b";"):
+        name, eq, value = item.partition(b"=")
+        name = name.lower()
+        if name == b"branch":
+            if branch is None:
+                branch = value if eq else b""
+        elif name == b"rport":
+            if rport is None:
+                rport = value if eq else b""
+        elif name == b"received":
+            received = True
+        elif name == b"maddr":
+            return None
+    if branch is None or not branch.startswith(b"z9hG4bK"):
+        return None
+    from_v = from_v.strip(LWS)
+    addr = NAME_ADDR_RE.match(from_v)
+    if addr is None or addr.group(3) is None:
+        return None
+    from_tag = _tag_of(addr.group(5))
+    to = NAME_ADDR_RE.match(to_v.strip(LWS))
+    if to is None or to.group(3) is None or has_tag(to.group(5)):
+        return None
+    host_text = host.decode()
+    sent_by = host_text.lower() if port is None else "%s:%d" % (host_text.lower(), int(port))
+    text_branch = branch.decode("latin-1")
+    uri = start.group(2)
+    head = Scanned(
+        method.decode(),
+        uri,
+        text_branch,
+        sent_by,
+        host_text,
+        int(port) if port else None,
+        None if rport is None else rport.decode("latin-1"),
+        received,
+        vias,
+        copied,
+        to_index,
+    )
+    loop_fields = [
+        "",
+        from_tag,
+        call_id.strip(LWS).decode("latin-1"),
+        str(int(number_method[0])),
+        uri.decode("latin-1"),
+        "%s %s;branch=%s" % (transport.decode().upper(), sent_by, text_branch),
+        "",
+        "",
+        "",
+    ]
+    if record_route_at < 0:
+        record_route_at = last_via
+    return ScannedInvite(
+        head, len(vias) == 1, loop_fields, first_via, record_route_at, max_forwards
+    )
+
+
+def _tag_of(paramtext: bytes | None) -> str:
+    """The first ``tag`` of a name-addr's parameters (as ``NAME_ADDR_RE``
+    matched them) as ``NameAddr.tag`` reads it, "" for none or no value."""
+    for item in (paramtext or b";")[1:].split(b";"):
+        name, _, value = item.partition(b"=")
+        if name.lower() == b"tag":
+            return value.decode("latin-1")
+    return ""
+
+
+def forward_invite(scanned: ScannedInvite, data: bytes, via_line: bytes, rr_line: bytes) -> bytes:
+    """The request as ``forward`` writes it (§16.6): ``via_line`` before the
+    first Via line, ``rr_line`` (empty for none) before the first
+    Record-Route line or after the last Via line, Max-Forwards one less in
+    place, every other byte as received (CRLF included in both lines)."""
+    mf_start, mf_end, hops = scanned.max_forwards
+    edits = sorted(
+        [
+            (scanned.first_via, scanned.first_via, via_line),
+            (scanned.record_route_at, scanned.record_route_at, rr_line),
+            (mf_start, mf_end, hops),
+        ]
+    )
+    parts: list[bytes] = []
+    at = 0
+    for begin, stop, replacement in edits:
+        parts += (data[at:begin], replacement)
+        at = stop
     parts.append(data[at:])
     return b"".join(parts)

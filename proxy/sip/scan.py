@@ -20,8 +20,9 @@ from proxy.sip.headers import _NAME_ADDR_FAST, _VIA_FAST
 #: RFC 3261 §25.1 token: a header name.
 TOKEN = re.compile(rb"[A-Za-z0-9\-.!%*_+`'~]+\Z")
 #: Slots of the header fields the fast paths read; Via is 0, the ones the
-#: redirect's response copies come first.
+#: redirect's response copies come first, the ones only a proxy reads last.
 VIA, FROM, TO, CALL_ID, CSEQ, MAX_FORWARDS, LENGTH, REQUIRE, ROUTE, PROXY_REQUIRE = range(10)
+RECORD_ROUTE, PROXY_AUTHORIZATION, TIMESTAMP = range(10, 13)
 OTHER = -1
 _KEYS = {
     b"via": VIA,
@@ -39,6 +40,9 @@ _KEYS = {
     b"require": REQUIRE,
     b"route": ROUTE,
     b"proxy-require": PROXY_REQUIRE,
+    b"record-route": RECORD_ROUTE,
+    b"proxy-authorization": PROXY_AUTHORIZATION,
+    b"timestamp": TIMESTAMP,
 }
 #: Header names as written -> their slot, or ``OTHER`` for any other valid
 #: name; filled as names are met (bounded).  The scans look a name up here

@@ -48,6 +48,7 @@ from proxy.sip.message import Response, parse
 from proxy.sip.peer import Peer
 from proxy.sip.proxy_core import strip_own_via
 from proxy.sip.relay import scan_in_dialog, scan_response, strip_top_via
+from proxy.store import Endpoint
 
 from .sipmsg import CLIENT_VIA, ack_for, cancel_for, field_values, reply_to
 from .test_proxy_element import (
@@ -1004,3 +1005,205 @@ def test_a_context_of_bytes_parses_them_when_asked() -> None:
     assert bytes(ctx.request) == bye.replace(
         b"Route: " + field_values(bye, "route")[0] + b"\r\n", b""
     )
+
+
+# the INVITE (and SUBSCRIBE) for a proxy endpoint -----------------------------------------------
+@contextmanager
+def fast_starts() -> Iterator[list[bytes]]:
+    """The requests the element started proxying by ``_fast_proxy``."""
+    taken: list[bytes] = []
+    real = Element._fast_proxy
+
+    def spy(
+        self: Element, data: bytes, peer: Peer, endpoint: Endpoint, now: float
+    ) -> list[Output] | None:
+        out = real(self, data, peer, endpoint, now)
+        if out is not None:
+            taken.append(data)
+        return out
+
+    with patch.object(Element, "_fast_proxy", spy):
+        yield taken
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_every_scenario_starts_with_the_fast_path(name: str) -> None:
+    """The whole calls above (answered, refused, failed over, cancelled...)
+    start from an INVITE the fast path took: what follows it (the 486's ACK,
+    the CANCEL, the failover) uses the request it parses only then."""
+    with fast_starts() as taken:
+        alike(SCENARIOS[name])
+    assert len(taken) == 1
+
+
+class Mute(Client):
+    """A client that sends nothing but what it is told to: the request it
+    sends may be too damaged to build an ACK from."""
+
+    def react(self, data: bytes) -> None:
+        pass
+
+
+def called(request: bytes, client: Peer = CLIENT_UDP, *, mute: bool = False) -> Scenario:
+    """``request`` from the client, answered 180, 200 by the pool; the 200
+    ACKed and the dialog ended with a BYE, when there is one."""
+
+    def run(fast: bool) -> Network:
+        net, uac = _wire(Pool("pool1", POOL1, (180, 200)), fast=fast, client=client)
+        if mute:
+            net.nodes.pop((client.host, client.port))
+            uac = Mute("client", client)
+            net.attach(uac)
+        net.nodes = Anywhere(net, net.nodes)  # a maddr may name anybody
+        uac.call(request)
+        net.advance()
+        finals = uac.got(b"SIP/2.0 200 ")
+        if finals and b"INVITE" in field_values(finals[0], "cseq")[0]:
+            uac.send(client_in_dialog("ACK", finals[0], cseq=1, peer=client))
+            uac.send(client_in_dialog("BYE", finals[0], cseq=2, peer=client))
+        return net
+
+    return run
+
+
+@pytest.mark.parametrize("client", [CLIENT_UDP, CLIENT_TCP])
+def test_an_everyday_invite_is_forwarded_by_the_fast_path(client: Peer) -> None:
+    with fast_starts() as taken:
+        record = alike(called(invite(client), client))
+    assert len(taken) == 1
+    (at_pool,) = [d for d in sent_data(record) if d.startswith(b"INVITE ")]
+    lines = at_pool.split(b"\r\n")
+    assert lines[1].startswith(b"Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK")
+    assert lines[3].startswith(b"Record-Route: <sip:o.")  # after the last Via (§16.6 step 4)
+    assert b"Max-Forwards: 69\r\n" in at_pool
+    (trying,) = [d for d in sent_data(record) if d.startswith(b"SIP/2.0 100 ")]
+    assert b"To: <sip:ocschat@contoso.com>\r\n" in trying  # no tag in a 100
+
+
+def test_an_everyday_subscribe_is_forwarded_by_the_fast_path() -> None:
+    subscribe = (
+        invite()
+        .replace(b"INVITE", b"SUBSCRIBE")
+        .replace(b"Content-Length: 0", b"Event: presence\r\nContent-Length: 0")
+    )
+    with fast_starts() as taken:
+        record = alike(called(subscribe))
+    assert len(taken) == 1
+    assert not [d for d in sent_data(record) if d.startswith(b"SIP/2.0 100 ")]
+
+
+def test_a_12_kb_invite_goes_through_byte_for_byte() -> None:
+    body = b"v=0\r\n" + b"a=x-ms:" + b"y" * 12000 + b"\r\n"
+    request = invite(CLIENT_TCP).replace(
+        b"Content-Length: 0\r\n\r\n",
+        b"Content-Type: application/sdp\r\nContent-Length: %d\r\n\r\n" % len(body),
+    )
+    with fast_starts() as taken:
+        record = alike(called(request + body, CLIENT_TCP))
+    assert len(taken) == 1
+    (at_pool,) = [d for d in sent_data(record) if d.startswith(b"INVITE ")]
+    assert at_pool.endswith(b"\r\n\r\n" + body)
+
+
+#: Changes to the everyday INVITE: (what, into what).
+INVITE_CHANGES: list[tuple[bytes, bytes]] = [
+    (b"Max-Forwards: 70\r\n", b""),
+    (b"Max-Forwards: 70", b"Max-Forwards: 0"),
+    (b"Max-Forwards: 70", b"Max-Forwards:  3 "),
+    (b"Max-Forwards: 70", b"Max-Forwards: 70\r\nMax-Forwards: 70"),
+    (b"Content-Length: 0\r\n", b""),
+    (b"Content-Length: 0\r\n\r\n", b"Content-Length: 4\r\n\r\nv=0\n"),
+    (b"Content-Length: 0\r\n\r\n", b"Content-Length: 2\r\n\r\nv=0\n"),
+    (b"Content-Length: 0", b"l: 0"),
+    (b"To: <sip:ocschat@contoso.com>", b"To: <sip:ocschat@contoso.com>;tag=x"),
+    (b"To: <sip:ocschat@contoso.com>", b"To:  sip:ocschat@contoso.com"),
+    (b"\r\nVia: ", b"\r\nRecord-Route: <sip:fe.contoso.com;lr>\r\nVia: "),
+    (b"\r\nMax-Forwards", b"\r\nRecord-Route: <sip:fe.contoso.com;lr>\r\nMax-Forwards"),
+    (b"\r\nContact", b"\r\nrecord-route: <sip:a;lr>\r\nRecord-Route: <sip:b;lr>\r\nContact"),
+    (b"\r\nMax-Forwards", b"\r\nRoute: <sip:127.0.0.1:5060;lr>\r\nMax-Forwards"),
+    (b"\r\nMax-Forwards", b"\r\nRoute: <sip:fe.contoso.com;lr>\r\nMax-Forwards"),
+    (b"\r\nMax-Forwards", b"\r\nProxy-Require: ms-x\r\nMax-Forwards"),
+    (b"\r\nMax-Forwards", b"\r\nRequire: ms-x\r\nMax-Forwards"),
+    (b"\r\nMax-Forwards", b"\r\nProxy-Authorization: Digest a=b\r\nMax-Forwards"),
+    (b"\r\nMax-Forwards", b"\r\nTimestamp: 54\r\nMax-Forwards"),
+    (b";rport\r\n", b";rport\r\nVia: SIP/2.0/TCP fe.contoso.com;branch=z9hG4bKfe\r\n"),
+    (b";rport\r\n", b";rport\r\nVia: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKx.y\r\n"),
+    (b";rport\r\n", b";rport, SIP/2.0/TCP fe.contoso.com;branch=z9hG4bKfe\r\n"),
+    (b";rport", b";rport;maddr=192.0.2.99"),
+    (b";rport", b""),
+    (b";rport", b";rport=1;received=192.0.2.10"),
+    (b";rport", b";received=192.0.2.99"),
+    (b";rport", b";branch=z9hG4bK-second"),
+    (b"192.0.2.10:5062", b"192.0.2.10"),
+    (b"192.0.2.10:5062", b"Client.Contoso.COM:05062"),
+    (b"192.0.2.10:5062", b"[2001:db8::10]:5062"),
+    (b"SIP/2.0/UDP 192", b"SIP/2.0/udp 192"),
+    (b";tag=a1", b";TAG=a1"),
+    (b";tag=a1", b";tag"),
+    (b";tag=a1", b";x=1;tag=a2;tag=a3"),
+    (b";tag=a1", b""),
+    (b"CSeq: 1 INVITE", b"CSeq: 0001 INVITE"),
+    (b"CSeq: 1 INVITE", b"CSeq: 1 SUBSCRIBE"),
+    (b"Call-ID: ", b"i:   "),
+    (b"INVITE sip:", b"INVITE sips:"),
+    (b"INVITE sip:ocschat@", b"INVITE sip:OcsChat@"),
+    (b"INVITE sip:ocschat@contoso.com", b"INVITE sip:ocschat@contoso.com;transport=tcp"),
+    (b"INVITE sip:ocschat@contoso.com", b"INVITE sip:nobody@contoso.com"),
+    (b"INVITE sip:ocschat@contoso.com", b"INVITE sip:contoso.com"),
+    (b"branch=z9hG4bK-c1", b"branch=c1"),
+    (b"Via: ", b"v: "),
+    (b"From: ", b"f: "),
+    (b"\r\nContact", b"\r\nSupported: ms-sender\r\nms-keep-alive: UAC;hop-hop=yes\r\nContact"),
+]
+
+
+@pytest.mark.parametrize(("old", "new"), INVITE_CHANGES)
+@pytest.mark.parametrize("client", [CLIENT_UDP, CLIENT_TCP])
+def test_each_change_to_an_invite_is_proxied_or_left_alike(
+    old: bytes, new: bytes, client: Peer
+) -> None:
+    request = invite(client)
+    # the changes are written for the UDP client's Via
+    for udp, tcp in ((b":5062", b":%d" % client.port), (b"/UDP 192", b"/TCP 192")):
+        if client.reliable:
+            old, new = old.replace(udp, tcp), new.replace(udp, tcp)
+    assert old in request
+    alike(called(request.replace(old, new, 1), client))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(changes=st.lists(st.sampled_from(INVITE_CHANGES), max_size=3))
+def test_generated_changes_to_an_invite_are_proxied_or_left_alike(
+    changes: list[tuple[bytes, bytes]],
+) -> None:
+    request = invite()
+    for old, new in changes:
+        request = request.replace(old, new, 1)
+    alike(called(request))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cut=st.integers(0, 300), junk=st.binary(max_size=3) | st.just(b"\r\n "))
+def test_a_damaged_invite_is_proxied_or_left_alike(cut: int, junk: bytes) -> None:
+    request = invite()
+    alike(called(request[:cut] + junk + request[cut:], mute=True))
+
+
+def test_an_invite_that_comes_back_is_a_loop_by_either_path() -> None:
+    """The INVITE as forwarded, sent to pcproxy again (the pool routes it
+    back): its Via below the top is pcproxy's own, so the fast path leaves
+    it to §16.3 step 4, which answers 482."""
+
+    def looped(fast: bool) -> Network:
+        pool = Pool("pool1", POOL1, ((5.0, 200),))
+        net, uac = _wire(pool, fast=fast)
+        uac.call(invite())
+        net.advance()
+        (at_pool,) = pool.got(b"INVITE ")
+        uac.send(at_pool)
+        return net
+
+    with fast_starts() as taken:
+        record = alike(looped)
+    assert len(taken) == 1
+    assert [d for d in sent_data(record) if d.startswith(b"SIP/2.0 482 ")]
