@@ -1,4 +1,4 @@
-"""The proxy's fast paths: one scan of an everyday response or request of a dialog.
+"""The proxy's fast paths: one scan of an everyday request or response.
 
 Theory of operation
 -------------------
@@ -47,11 +47,23 @@ from a strict router or names a host to resolve takes the general path.
 The element opens the same transactions and context as the general path
 for a non-ACK one, and parses its bytes only if something asks later.
 
+Every call starts with an INVITE (or a SUBSCRIBE) from a legacy client for
+the chat URI.  ``scan_invite`` reads an everyday one: what the 100 Trying
+copies (the redirect's ``Scanned``, so ``redirect.build_final`` writes it,
+§16.2, §8.2.6), the fields the loop-detection hash covers in
+``proxy_core.loop_part``'s order (§16.6 step 8), and where ``forward`` puts
+pcproxy's Via, its Record-Route and the new Max-Forwards; ``forward_invite``
+writes the request for each target from those.  A request with a Route
+(§16.4), Proxy-Require (§16.3 step 5), Proxy-Authorization (hashed by
+§16.6 step 8), Timestamp (copied into the 100, §8.2.6.1) or a ``maddr``
+takes the general path, and so does one with a Via of pcproxy's below the
+top (§16.3 step 4: the element checks the Via lines' text for its hosts).
+
 ``tests/unit/test_relay_fast.py`` holds the proof: for generated responses,
 damaged ones and the RFC 4475/5118 corpus, the scan agrees with the general
 parser wherever it does not give up, and an element with the fast paths
 sends the same bytes as one without them through whole calls, and for
-generated and damaged ACKs and BYEs.
+generated and damaged INVITEs, ACKs and BYEs.
 """
 
 from __future__ import annotations
