@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import math
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -111,6 +112,10 @@ class Hop:
 
 
 # the pure part -------------------------------------------------------------------
+#: Plans ``Resolver.plan_cached`` keeps at most (emptied when full).
+PLANS_MAX = 256
+
+
 def normalise(name: str) -> str:
     return name.strip().rstrip(".").lower()
 
@@ -203,6 +208,15 @@ def order_hops(
                 seen.add(hop)
                 hops.append(hop)
     return hops
+
+
+def _by_chance(rdataset: dns.rdataset.Rdataset | None) -> bool:
+    """Whether RFC 2782's selection orders these SRV records by chance: two
+    of them share a priority (their weights then draw the order)."""
+    if not rdataset or len(rdataset) < 2:
+        return False
+    priorities = {rdata.priority for rdata in rdataset}
+    return len(priorities) < len(rdataset)
 
 
 def srv_hosts(srv: Mapping[str, dns.rdataset.Rdataset | None]) -> list[str]:
@@ -382,6 +396,13 @@ class Resolver:
     dns_resolver: dns.asyncresolver.Resolver = field(init=False)
     _cache: OrderedDict[tuple[str, str], _Entry] = field(init=False, default_factory=OrderedDict)
     _failed: dict[tuple[str, int, str], float] = field(init=False, default_factory=dict)
+    #: (fqdn, port, transport) -> a plan ``plan_cached`` worked out that no
+    #: chance ordered (RFC 2782: one SRV record per priority), when it
+    #: expires and how many cache hits it stands for; emptied by every new
+    #: answer, and not used while a target is marked failed.
+    _plans: dict[tuple[str, int | None, str | None], tuple[list[Target], float, int]] = field(
+        init=False, default_factory=dict
+    )
     _inflight: dict[tuple[str, str], asyncio.Future[Lookup]] = field(
         init=False, default_factory=dict
     )
@@ -478,17 +499,27 @@ class Resolver:
         common case of a busy pool.  ``None`` when a query (or a stale
         answer) is needed, or when the plan would be empty; ``plan()`` then
         does the work and says why."""
+        memo = (fqdn, port, transport)
+        known = self._plans.get(memo)
+        now = self.clock()
+        if known is not None and not self._failed and now < known[1]:
+            self.stats.hits += known[2]
+            return list(known[0])
         name = normalise(fqdn)
         transports = transports_for(transport)
         srv: dict[str, dns.rdataset.Rdataset | None] = {}
         hosts = [name]
         numeric = is_address(name)
+        expires = math.inf
+        lookups = 0
         if port is None and not numeric:
             for t in transports:
-                lookup = self._fresh(srv_name(name, t), "SRV")
-                if lookup is None:
+                entry = self._fresh_entry(srv_name(name, t), "SRV", now)
+                if entry is None:
                     return None
-                srv[t] = lookup.rdataset
+                srv[t] = entry.lookup.rdataset
+                expires = min(expires, entry.expires)
+                lookups += 1
             if any(srv.values()):
                 hosts = srv_hosts(srv)
         addresses: dict[str, list[str]] = {}
@@ -496,13 +527,22 @@ class Resolver:
             for host in hosts:
                 found: list[str] = []
                 for rdtype in self.address_types:
-                    lookup = self._fresh(host, rdtype)
-                    if lookup is None:
+                    entry = self._fresh_entry(host, rdtype, now)
+                    if entry is None:
                         return None
-                    if lookup.rdataset:
-                        found += [address_text(r) for r in lookup.rdataset]
+                    rdataset = entry.lookup.rdataset
+                    if rdataset:
+                        found += [address_text(r) for r in rdataset]
+                    expires = min(expires, entry.expires)
+                    lookups += 1
                 addresses[host] = found
-        return self._order(name, srv, addresses, port, transport) or None
+        plan = self._order(name, srv, addresses, port, transport)
+        if plan and not self._failed and not any(map(_by_chance, srv.values())):
+            if len(self._plans) >= PLANS_MAX:
+                self._plans.clear()
+            self._plans[memo] = (plan, expires, lookups)
+            plan = list(plan)
+        return plan or None
 
     def _order(
         self,
@@ -524,11 +564,15 @@ class Resolver:
         )
 
     def _fresh(self, name: str, rdtype: str) -> Lookup | None:
+        entry = self._fresh_entry(name, rdtype, self.clock())
+        return None if entry is None else entry.lookup
+
+    def _fresh_entry(self, name: str, rdtype: str, now: float) -> _Entry | None:
         entry = self._cache.get((name, rdtype))
-        if entry is None or self.clock() >= entry.expires:
+        if entry is None or now >= entry.expires:
             return None
         self.stats.hits += 1
-        return entry.lookup
+        return entry
 
     async def addresses(self, host: str) -> tuple[list[str], list[str]]:
         """The addresses of ``host``, A before AAAA, and why any type had none."""
@@ -642,6 +686,7 @@ class Resolver:
     ) -> None:
         now = self.clock()
         until = now + ttl + (self.max_stale if stale else 0.0)
+        self._plans.clear()  # a plan may have been worked out from the old answer
         self._cache[key] = _Entry(lookup, now + ttl, until)
         self._cache.move_to_end(key)
         while len(self._cache) > self.cache_size:

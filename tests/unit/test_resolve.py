@@ -483,3 +483,70 @@ def test_record_texts_are_made_once_and_stay_right() -> None:
         True,
         False,
     ]
+
+
+# plan_cached's memo ------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_a_plan_no_chance_orders_is_kept_until_its_answers_expire() -> None:
+    r, net, clock = resolver()
+    first = await r.plan("srv.contoso.com", transport="tls")
+    hits = r.stats.hits
+    assert r.plan_cached("srv.contoso.com", transport="tls") == first
+    assert len(r._plans) == 1
+    looked = r.stats.hits - hits
+    assert looked == 3  # the SRV, A and AAAA answers it stands for
+    r._cache.clear()  # only the memo can answer now
+    again = r.plan_cached("srv.contoso.com", transport="tls")
+    assert again == first and again is not r.plan_cached("srv.contoso.com", transport="tls")
+    assert r.stats.hits - hits == 3 * looked  # counted as the cache hits it saves
+    clock.now += 301  # the answers' TTL is over
+    assert r.plan_cached("srv.contoso.com", transport="tls") is None
+
+
+@pytest.mark.asyncio
+async def test_a_plan_weights_order_is_drawn_again_every_time() -> None:
+    r, net, _ = resolver()
+    net.zone["_sips._tcp.w.contoso.com"] = {
+        "SRV": (300, ["10 60 5041 fe1.contoso.com.", "10 40 5041 fe2.contoso.com."])
+    }
+    net.zone["fe2.contoso.com"] = {"A": (300, ["192.0.2.32"]), "AAAA": (300, [])}
+    await r.plan("w.contoso.com", transport="tls")
+    firsts = {r.plan_cached("w.contoso.com", transport="tls")[0].host for _ in range(200)}  # type: ignore[index]
+    assert firsts == {"fe1.contoso.com", "fe2.contoso.com"}  # RFC 2782 §"Usage rules"
+    assert not r._plans
+
+
+@pytest.mark.asyncio
+async def test_a_kept_plan_gives_way_to_a_new_answer_and_to_a_failed_target() -> None:
+    from proxy import resolve
+
+    r, net, clock = resolver()
+    first = await r.plan(POOL, port=5041)
+    assert r.plan_cached(POOL, port=5041) == first and r._plans
+    r.mark_failed(first[0])  # RFC 3263 §4.3: tried last from now on
+    assert r.plan_cached(POOL, port=5041) == [first[1], first[0]]
+    r.mark_succeeded(first[0])
+    assert r.plan_cached(POOL, port=5041) == first
+    # an answer stored before the kept ones expire (a serve-stale recheck)
+    a = dns.rdataset.from_text("IN", "A", 30, "192.0.2.14")
+    r._store((POOL, "A"), resolve.Lookup(a), 30.0)
+    assert [t.address for t in r.plan_cached(POOL, port=5041) or []] == ["192.0.2.14"]
+    net.zone[POOL] = {"A": (30, ["192.0.2.13"])}
+    clock.now += 31
+    assert r.plan_cached(POOL, port=5041) is None  # expired: plan() asks the DNS
+    assert [t.address for t in await r.plan(POOL, port=5041)] == ["192.0.2.13"]
+    assert [t.address for t in r.plan_cached(POOL, port=5041) or []] == ["192.0.2.13"]
+
+
+def test_the_plans_kept_are_bounded() -> None:
+    from proxy import resolve
+
+    r, _, clock = resolver()
+    until = clock.now + 300.0
+    for n in range(resolve.PLANS_MAX + 5):
+        host = "h%d.contoso.com" % n
+        a = dns.rdataset.from_text("IN", "A", 300, "192.0.2.%d" % (n % 250 + 1))
+        r._cache[(host, "A")] = resolve._Entry(resolve.Lookup(a), until, until)
+        r._cache[(host, "AAAA")] = resolve._Entry(resolve.Lookup(None), until, until)
+        assert r.plan_cached(host, port=5060)
+        assert len(r._plans) <= resolve.PLANS_MAX
