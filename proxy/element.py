@@ -56,7 +56,15 @@ from proxy.sip.headers import (
     param_value,
     split_commas,
 )
-from proxy.sip.message import Header, Request, Response, line_value, make_response, parse
+from proxy.sip.message import (
+    Header,
+    Request,
+    Response,
+    line_value,
+    make_response,
+    parse,
+    parse_read,
+)
 from proxy.sip.peer import Peer, Send
 from proxy.sip.proxy_core import (
     ProxyRejection,
@@ -384,10 +392,7 @@ class Context:
         """The request as received."""
         received = self._received
         if received is None:
-            data = self._data
-            parsed = parse(data, stream=self.peer.reliable, max_size=len(data), max_headers=1 << 16)
-            assert isinstance(parsed, Request), "the fast path read a request"
-            received = self._received = parsed
+            received = self._received = parse_read(self._data, stream=self.peer.reliable)
         return received
 
     @received.setter

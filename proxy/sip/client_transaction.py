@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.sip.errors import SipError
-from proxy.sip.message import Request, Response, hop_request, parse
+from proxy.sip.message import Request, Response, hop_request, parse, parse_read
 from proxy.sip.peer import Peer, Send
 from proxy.sip.transaction import (
     StartTimer,
@@ -164,10 +164,7 @@ class ClientTransaction:
         """The request this transaction sends."""
         request = self._request
         if request is None:
-            data = self.data
-            parsed = parse(data, stream=self.peer.reliable, max_size=len(data), max_headers=1 << 16)
-            assert isinstance(parsed, Request), "a transaction sends a request"
-            request = self._request = parsed
+            request = self._request = parse_read(self.data, stream=self.peer.reliable)
         return request
 
     @property

@@ -242,6 +242,16 @@ def parse(
     return msg
 
 
+def parse_read(data: bytes, *, stream: bool) -> Request:
+    """A request a fast path read already (``proxy.sip.relay``) or this
+    process wrote, parsed when something asks for it at last: the size and
+    header limits were applied to it then."""
+    parsed = parse(data, stream=stream, max_size=len(data), max_headers=len(data))
+    if not isinstance(parsed, Request):
+        raise ParseError("not a request")
+    return parsed
+
+
 def _attach(exc: SipError, msg: Message) -> None:
     if isinstance(msg, Request):
         exc.partial = msg  # type: ignore[attr-defined]

@@ -92,6 +92,7 @@ from proxy.sip.scan import (
     header_section,
     length_ok,
     slot_of,
+    via_params,
 )
 
 #: RFC 3261 §7.2: ``SIP/2.0 200 OK``; a reason may be empty.
@@ -317,18 +318,10 @@ def scan_in_dialog(data: bytes, max_size: int, max_headers: int) -> ScannedReque
     if via is None or not via.group(4):
         return None
     _, host, port, paramtext = via.groups()
-    branch = None
-    rport = False
-    for item in paramtext[1:].split(b";"):
-        name, eq, value = item.partition(b"=")
-        name = name.lower()
-        if name == b"branch":
-            if branch is None:
-                branch = value if eq else b""
-        elif name == b"rport":
-            rport = True
-        elif name == b"maddr":
-            return None
+    params = via_params(paramtext)
+    if params is None:
+        return None
+    branch, rport, _ = params
     if branch is None or not branch.startswith(b"z9hG4bK"):
         return None
     if not everyday_name_addr(from_v.strip(LWS)):
@@ -343,7 +336,7 @@ def scan_in_dialog(data: bytes, max_size: int, max_headers: int) -> ScannedReque
         branch,
         sent_by if port is None else "%s:%d" % (sent_by, int(port)),
         int(port) if port else None,
-        rport,
+        rport is not None,
         tuple(routes),
         first_via,
         edits,
@@ -483,21 +476,10 @@ def scan_invite(data: bytes, max_size: int, max_headers: int) -> ScannedInvite |
     if via is None or not via.group(4):
         return None
     transport, host, port, paramtext = via.groups()
-    branch = rport = None
-    received = False
-    for item in paramtext[1:].split(b";"):
-        name, eq, value = item.partition(b"=")
-        name = name.lower()
-        if name == b"branch":
-            if branch is None:
-                branch = value if eq else b""
-        elif name == b"rport":
-            if rport is None:
-                rport = value if eq else b""
-        elif name == b"received":
-            received = True
-        elif name == b"maddr":
-            return None
+    params = via_params(paramtext)
+    if params is None:
+        return None
+    branch, rport, received = params
     if branch is None or not branch.startswith(b"z9hG4bK"):
         return None
     from_v = from_v.strip(LWS)

@@ -155,6 +155,30 @@ def branch_of(paramtext: bytes) -> bytes | None:
     return None
 
 
+def via_params(paramtext: bytes) -> tuple[bytes | None, bytes | None, bool] | None:
+    """The first ``branch`` and ``rport`` of an everyday Via's parameters
+    (``;name=value...``, as ``VIA_RE`` matched them), b"" for one without a
+    value, None for none, and whether it has ``received``; None for a Via
+    with ``maddr``, whose responses go elsewhere (§18.2.2): the general
+    path's."""
+    branch = rport = None
+    received = False
+    for item in paramtext[1:].split(b";"):
+        name, eq, value = item.partition(b"=")
+        name = name.lower()
+        if name == b"branch":
+            if branch is None:
+                branch = value if eq else b""
+        elif name == b"rport":
+            if rport is None:
+                rport = value if eq else b""
+        elif name == b"received":
+            received = True
+        elif name == b"maddr":
+            return None
+    return branch, rport, received
+
+
 def has_tag(paramtext: bytes | None) -> bool:
     """Whether a name-addr's parameters (as ``NAME_ADDR_RE`` matched them)
     hold a ``tag`` (§19.3), with a value or without, as ``NameAddr.tag``

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import TypeVar
 from unittest.mock import patch
 
@@ -54,7 +54,6 @@ from proxy.sip.message import Response, parse
 from proxy.sip.peer import Peer
 from proxy.sip.proxy_core import strip_own_via
 from proxy.sip.relay import scan_in_dialog, scan_response, strip_top_via
-from proxy.store import Endpoint
 
 from .sipmsg import CLIENT_VIA, ack_for, cancel_for, field_values, reply_to
 from .test_proxy_element import (
@@ -764,19 +763,24 @@ class DialogPool(Pool):
 
 
 @contextmanager
-def fast_in_dialog() -> Iterator[list[bytes]]:
-    """The requests the element forwarded by ``_fast_in_dialog``."""
+def taken_by(path: str) -> Iterator[list[bytes]]:
+    """The messages the element's fast path ``path`` (a method's name) took
+    on, rather than leaving them to the general path."""
     taken: list[bytes] = []
-    real = Element._fast_in_dialog
+    real = getattr(Element, path)
 
-    def spy(self: Element, data: bytes, peer: Peer, now: float) -> list[Output] | None:
-        out = real(self, data, peer, now)
+    def spy(self: Element, data: bytes, *args: object) -> list[Output] | None:
+        out: list[Output] | None = real(self, data, *args)
         if out is not None:
             taken.append(data)
         return out
 
-    with patch.object(Element, "_fast_in_dialog", spy):
+    with patch.object(Element, path, spy):
         yield taken
+
+
+def fast_in_dialog() -> AbstractContextManager[list[bytes]]:
+    return taken_by("_fast_in_dialog")
 
 
 def in_dialog(
@@ -1014,22 +1018,8 @@ def test_a_context_of_bytes_parses_them_when_asked() -> None:
 
 
 # the INVITE (and SUBSCRIBE) for a proxy endpoint -----------------------------------------------
-@contextmanager
-def fast_starts() -> Iterator[list[bytes]]:
-    """The requests the element started proxying by ``_fast_proxy``."""
-    taken: list[bytes] = []
-    real = Element._fast_proxy
-
-    def spy(
-        self: Element, data: bytes, peer: Peer, endpoint: Endpoint, now: float
-    ) -> list[Output] | None:
-        out = real(self, data, peer, endpoint, now)
-        if out is not None:
-            taken.append(data)
-        return out
-
-    with patch.object(Element, "_fast_proxy", spy):
-        yield taken
+def fast_starts() -> AbstractContextManager[list[bytes]]:
+    return taken_by("_fast_proxy")
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
