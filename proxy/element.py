@@ -69,6 +69,7 @@ from proxy.sip.peer import Peer, Send
 from proxy.sip.proxy_core import (
     ProxyRejection,
     branch_for,
+    branch_with,
     cancel_of,
     choose_best,
     forward,
@@ -368,9 +369,9 @@ class Context:
     def of_bytes(
         cls, ref: int, server: ServerTransaction, dest: Peer, data: bytes, peer: Peer, method: str
     ) -> Context:
-        """A context for a request inside a dialog whose Route lines all name
-        this proxy (``Element._fast_in_dialog``): ``request`` is the received
-        one without them."""
+        """A context for a request a fast path read (``Element._fast_proxy``,
+        ``Element._fast_in_dialog``): ``request`` is the received one without
+        its Route lines (none, or all of them pcproxy's)."""
         return cls(ref, server, dest, None, None, None, peer, method, data)
 
     @property
@@ -1359,8 +1360,7 @@ class Element:
         stateless = ctx.method == "ACK"
         scanned = ctx.scanned
         if scanned is not None:  # the fast path's: branch_for of the fields it read
-            loop = loop_hash(scanned.loop_fields, cfg.secret)
-            branch = "%s%s.%s" % (MAGIC_COOKIE, loop, secrets.token_hex(8))
+            branch = branch_with(loop_hash(scanned.loop_fields, cfg.secret))
         elif not ctx.in_dialog:  # the branch carries the loop hash (§16.6 step 8)
             branch = branch_for(ctx.received, cfg.secret)
         elif stateless:  # §16.11: the same branch for every retransmission

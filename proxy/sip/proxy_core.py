@@ -60,6 +60,7 @@ __all__ = [
     "TooManyHops",
     "UnsupportedUriScheme",
     "branch_for",
+    "branch_with",
     "choose_best",
     "forward",
     "forward_request",
@@ -253,9 +254,15 @@ def branch_for(req: Request, secret: bytes, *, unique: str | None = None) -> str
     the request received (before translation)"), which is also what
     ``validate_request`` hashes when the request comes back.
     """
+    return branch_with(loop_part(req, secret), unique)
+
+
+def branch_with(loop: str, unique: str | None = None) -> str:
+    """``branch_for`` of a loop-detection part already computed (a fast
+    path hashes the fields it read, ``loop_hash``)."""
     if unique is None:
         unique = secrets.token_hex(8)
-    return "%s%s%s%s" % (MAGIC_COOKIE, loop_part(req, secret), _SEPARATOR, unique)
+    return "%s%s%s%s" % (MAGIC_COOKIE, loop, _SEPARATOR, unique)
 
 
 def stateless_unique(req: Request) -> str:
