@@ -57,6 +57,7 @@ from proxy.sip.scan import (
     has_tag,
     header_section,
     slot_of,
+    via_params,
 )
 
 #: RFC 3261 §7.1, the two methods a legacy client sends to the chat URI.
@@ -163,22 +164,10 @@ def scan(data: bytes, max_size: int, max_headers: int) -> Scanned | None:
     if via is None:
         return None
     _, host, port, paramtext = via.groups()
-    branch = rport = None
-    received = False
-    if paramtext:
-        for item in paramtext[1:].split(b";"):
-            pname, eq, pvalue = item.partition(b"=")
-            pname = pname.lower()
-            if pname == b"branch":
-                if branch is None:
-                    branch = pvalue if eq else b""
-            elif pname == b"rport":
-                if rport is None:
-                    rport = pvalue if eq else b""
-            elif pname == b"received":
-                received = True
-            elif pname == b"maddr":
-                return None
+    params = via_params(paramtext)
+    if params is None:
+        return None  # maddr
+    branch, rport, received = params
     if branch is None or not branch.startswith(b"z9hG4bK"):
         return None
     # From and To: everyday name-addrs with simple SIP URIs, To without a tag

@@ -84,13 +84,11 @@ from proxy.sip.scan import (
     TO,
     VIA,
     branch_of,
-    call_id_ok,
-    cseq_of,
+    everyday_fields,
     everyday_name_addr,
     everyday_via,
     has_tag,
     header_section,
-    length_ok,
     slot_of,
     via_params,
 )
@@ -150,22 +148,10 @@ def scan_response(data: bytes, max_size: int, max_headers: int) -> ScannedRespon
         if slots[key] is not None:
             return None  # a second From, To, Call-ID, CSeq...: the general path decides
         slots[key] = raw[colon + 1 :]
-    top_via, from_v, to_v, call_id, cseq, _, length, _ = slots
-    if (
-        top is None
-        or top_via is None
-        or from_v is None
-        or to_v is None
-        or call_id is None
-        or cseq is None
-        or length is None
-        or not length_ok(length, len(data) - end - 4, exact=True)
-        or not call_id_ok(call_id)
-    ):
+    fields = everyday_fields(slots, len(data) - end - 4)
+    if top is None or fields is None:
         return None
-    number_method = cseq_of(cseq)
-    if number_method is None:
-        return None
+    top_via, from_v, to_v, _, _, method = fields
     via = everyday_via(top_via)
     if via is None or not via.group(4):
         return None
@@ -189,7 +175,7 @@ def scan_response(data: bytes, max_size: int, max_headers: int) -> ScannedRespon
     return ScannedResponse(
         int(start.group(1)),
         branch.decode("latin-1"),
-        number_method[1].decode("latin-1"),
+        method.decode("latin-1"),
         via_start,
         via_start + len(top) + 2,
         rest,
@@ -296,24 +282,11 @@ def scan_in_dialog(data: bytes, max_size: int, max_headers: int) -> ScannedReque
             # the value replaced in place, its spacing kept (_replace_value)
             value_at = line_at + raw.rindex(value, colon)
             edits.append((value_at, value_at + len(value), hops))
-    top_via, from_v, to_v, call_id, cseq, max_fwd, length, _ = slots
-    if (
-        top_via is None
-        or from_v is None
-        or to_v is None
-        or call_id is None
-        or cseq is None
-        or max_fwd is None
-        or length is None
-        or not routes
-        or not length_ok(length, len(data) - end - 4, exact=True)
-        or not call_id_ok(call_id)
-    ):
-        return None
+    fields = everyday_fields(slots, len(data) - end - 4)
     method = start.group(1)
-    number_method = cseq_of(cseq)
-    if number_method is None or number_method[1] != method:
+    if fields is None or fields[5] != method or slots[MAX_FORWARDS] is None or not routes:
         return None
+    top_via, from_v, to_v, _, _, _ = fields
     via = everyday_via(top_via)
     if via is None or not via.group(4):
         return None
@@ -453,23 +426,11 @@ def scan_invite(data: bytes, max_size: int, max_headers: int) -> ScannedInvite |
                 return None  # 0 (483), or written oddly
             value_at = line_at + raw.rindex(value, colon)
             max_forwards = (value_at, value_at + len(value), hops)
-    top_via, from_v, to_v, call_id, cseq, max_fwd, length, _ = slots
-    if (
-        top_via is None
-        or from_v is None
-        or to_v is None
-        or call_id is None
-        or cseq is None
-        or max_fwd is None
-        or length is None
-        or not length_ok(length, len(data) - end - 4, exact=True)
-        or not call_id_ok(call_id)
-    ):
-        return None
+    fields = everyday_fields(slots, len(data) - end - 4)
     method = start.group(1)
-    number_method = cseq_of(cseq)
-    if number_method is None or number_method[1] != method:
+    if fields is None or fields[5] != method or slots[MAX_FORWARDS] is None:
         return None
+    top_via, from_v, to_v, call_id, number, _ = fields
     if b"," in top_via:
         return None
     via = everyday_via(top_via)
@@ -511,7 +472,7 @@ def scan_invite(data: bytes, max_size: int, max_headers: int) -> ScannedInvite |
         "",
         from_tag,
         call_id.strip(LWS).decode("latin-1"),
-        str(int(number_method[0])),
+        str(int(number)),
         uri.decode("latin-1"),
         "%s %s;branch=%s" % (transport.decode().upper(), sent_by, text_branch),
         "",

@@ -3,12 +3,13 @@
 The general parser (``proxy.sip.message``) decodes a whole message, names
 every line and validates what every element needs (RFC 3261 §7, §8.2, §18.3).
 The fast paths (``proxy.sip.redirect`` for the 302, ``proxy.sip.relay`` for
-the responses and the ACKs a proxy passes on) read only the lines they need, over the
-received bytes, and give up (``None``) on anything the general parser would
-read differently or refuse; the caller then takes the general path.  What
-they share lives here: the split into header lines, the names of the lines
-they read, and the everyday Via and name-addr patterns of
-``proxy.sip.headers`` compiled over bytes.
+the INVITE a proxy forwards and the responses and requests of the dialog it
+passes on) read only the lines they need, over the received bytes, and give
+up (``None``) on anything the general parser would read differently or
+refuse; the caller then takes the general path.  What they share lives
+here: the split into header lines, the names of the lines they read, the
+fields every message must have, the top Via's parameters, and the everyday
+Via and name-addr patterns of ``proxy.sip.headers`` compiled over bytes.
 """
 
 from __future__ import annotations
@@ -127,6 +128,36 @@ def header_section(
     if split is None:
         return None
     return start, split[0], split[1]
+
+
+#: What ``everyday_fields`` gives: the top Via, From, To and Call-ID values,
+#: and the CSeq's number and method.
+Fields = tuple[bytes, bytes, bytes, bytes, bytes, bytes]
+
+
+def everyday_fields(slots: list[bytes | None], body: int) -> Fields | None:
+    """The top Via, From, To, Call-ID and CSeq values a scan put in
+    ``slots`` (eight, indexed by ``VIA``...``REQUIRE``), when each is there, the
+    Content-Length is there and the ``body`` bytes after the header section
+    fill it exactly (§18.3: neither short, which the general parser refuses,
+    nor long, which it cuts), the Call-ID has no blank (``call_id_ok``) and
+    the CSeq is a number and a token (``cseq_of``); None otherwise."""
+    via, from_v, to_v, call_id, cseq, _, length, _ = slots
+    if (
+        via is None
+        or from_v is None
+        or to_v is None
+        or call_id is None
+        or cseq is None
+        or length is None
+        or not length_ok(length, body, exact=True)
+        or not call_id_ok(call_id)
+    ):
+        return None
+    number_method = cseq_of(cseq)
+    if number_method is None:
+        return None
+    return via, from_v, to_v, call_id, number_method[0], number_method[1]
 
 
 def everyday_via(value: bytes) -> re.Match[bytes] | None:
