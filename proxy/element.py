@@ -1577,7 +1577,7 @@ class Element:
             if fwd is not None:
                 out += self._to_server(ctx, status, fwd, now)
             return out
-        fwd = _without_own_via(msg, data, client_key_branch(client, ctx))
+        fwd = _without_own_via(msg, data, client.branch)
         if status < 300:
             if fwd is None:
                 return out
@@ -1707,15 +1707,17 @@ class Element:
 
     def _cancel_branch(self, client: ClientTransaction, now: float) -> list[Output]:
         """CANCEL one INVITE branch that has answered provisionally (§9.1)."""
-        if client.request.method != "INVITE" or client.state is not ClientState.PROCEEDING:
+        if (
+            not isinstance(client, InviteClientTransaction)
+            or client.state is not ClientState.PROCEEDING
+        ):
             return []
-        branch = Via.parse(client.request.get_all("via")[0]).branch or ""
+        branch = client.branch
         key = client_key(branch, "CANCEL")
         if key in self.clients:
             return []  # already cancelled
-        cancel = parse(cancel_of(client.request))  # the request as forwarded, already parsed
-        assert isinstance(cancel, Request)
-        txn = NonInviteClientTransaction(cancel, client.peer, self.config.timers)
+        cancel = cancel_of(client.request)
+        txn = NonInviteClientTransaction(cancel, client.peer, self.config.timers, branch)
         self.clients[key] = (txn, None)
         self.counters["cancels_sent"] += 1
         # §9.1: a branch still without a final response 64*T1 after its
@@ -1901,16 +1903,6 @@ def _without_own_via(msg: Response | ScannedResponse, data: bytes, branch: str) 
     if isinstance(msg, ScannedResponse):
         return strip_top_via(msg, data, branch)
     return strip_own_via(msg, data, branch)
-
-
-def client_key_branch(client: ClientTransaction, ctx: Context) -> str:
-    """The branch of the Via pcproxy put on ``client``'s request."""
-    if client.branch:
-        return client.branch
-    via = client.request.via
-    if via is not None and via.branch:
-        return via.branch
-    return client.key[0] if client is not ctx.client or not ctx.client_key[0] else ctx.client_key[0]
 
 
 def _describe(target: Target) -> str:

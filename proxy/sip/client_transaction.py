@@ -145,15 +145,18 @@ class ClientTransaction:
     ) -> None:
         """``request`` parsed, or as its bytes (the fast path's: parsed only
         if something asks for ``request``); ``branch``, the branch of its
-        top Via when the caller knows it."""
+        top Via, read from the request when the caller does not give it."""
         if isinstance(request, Request):
             self._request: Request | None = request
             self.data = bytes(request)
         else:
             self._request = None
             self.data = request
-        self.branch = branch
         self.peer = peer
+        if not branch:
+            via = self.request.via or self.request.top_via()
+            branch = via.branch or ""
+        self.branch = branch
         self.timers = timers
         self.state = self.INITIAL
         self.started = False
@@ -170,8 +173,7 @@ class ClientTransaction:
     @property
     def key(self) -> tuple[str, str]:
         """The §17.1.3 key: top Via branch and CSeq method of the request."""
-        via = self.request.via or self.request.top_via()
-        return client_key(via.branch or "", self.request.method)
+        return client_key(self.branch, self.request.method)
 
     def start(self) -> list[Action]:
         """Pass the request to the transport and arm the timers (§17.1.1.2, §17.1.2.2)."""
