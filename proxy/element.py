@@ -303,7 +303,7 @@ class Context:
         "_request",
         "_received",
         "_via",
-        "_data",
+        "data",
         "scanned",
         "peer",
         "method",
@@ -343,7 +343,8 @@ class Context:
         self._request = request
         self._received = received
         self._via = via
-        self._data = data
+        #: The request's bytes, for a context ``of_bytes`` (else empty).
+        self.data = data
         #: The fast path's scan of an INVITE or SUBSCRIBE (``_fast_proxy``).
         self.scanned: ScannedInvite | None = None
         self.peer = peer
@@ -374,18 +375,13 @@ class Context:
         its Route lines (none, or all of them pcproxy's)."""
         return cls(ref, server, dest, None, None, None, peer, method, data)
 
-    @property
-    def data(self) -> bytes:
-        """The request's bytes, for a context ``of_bytes``."""
-        return self._data
-
     def forget(self) -> None:
         """Keep nothing of the request: the INVITE was answered (a 2xx), and
         for 64*T1 the context only absorbs retransmissions."""
         self._request = self._received = _ANSWERED
         if self._via is None:
             self._via = _ANSWERED_VIA
-        self._data = b""
+        self.data = b""
         self.scanned = None
 
     @property
@@ -393,7 +389,7 @@ class Context:
         """The request as received."""
         received = self._received
         if received is None:
-            received = self._received = parse_read(self._data, stream=self.peer.reliable)
+            received = self._received = parse_read(self.data, stream=self.peer.reliable)
         return received
 
     @received.setter
