@@ -392,10 +392,6 @@ class Context:
             received = self._received = parse_read(self.data, stream=self.peer.reliable)
         return received
 
-    @received.setter
-    def received(self, value: Request) -> None:
-        self._received = value
-
     @property
     def request(self) -> Request:
         """The request to forward: the received one after §16.4."""
@@ -404,10 +400,6 @@ class Context:
             received = self.received
             request = self._request = with_routes(received, (), received.uri)
         return request
-
-    @request.setter
-    def request(self, value: Request) -> None:
-        self._request = value
 
     @property
     def via(self) -> Via:

@@ -362,8 +362,9 @@ def build_ack(request: Request, response: bytes) -> bytes:
 
 
 def _method_of(data: bytes) -> str:
-    """The method of a request's bytes (its first word)."""
-    return data[: data.find(b" ", 0, 32)].decode("latin-1")
+    """The method of a request's bytes (its first word; "" for none)."""
+    space = data.find(b" ", 0, 32)
+    return data[:space].decode("latin-1") if space > 0 else ""
 
 
 def client_key(branch: str, method: str) -> tuple[str, str]:

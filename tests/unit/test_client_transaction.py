@@ -502,6 +502,21 @@ def test_machine_refuses_the_wrong_method() -> None:
         InviteClientTransaction(parse_request(request("OPTIONS")), Peer("udp", "h", 1), TIMERS)
     with pytest.raises(TransactionError):
         NonInviteClientTransaction(parse_request(request("INVITE")), Peer("udp", "h", 1), TIMERS)
+    # the fast path's form: the bytes and the branch
+    for cls, wrong in ((InviteClientTransaction, "OPTIONS"), (NonInviteClientTransaction, "ACK")):
+        with pytest.raises(TransactionError):
+            cls(request(wrong), Peer("udp", "h", 1), TIMERS, "z9hG4bK-1")
+    with pytest.raises(TransactionError):  # no method at all
+        InviteClientTransaction(b"INVITE", Peer("udp", "h", 1), TIMERS, "z9hG4bK-1")
+
+
+def test_a_machine_of_bytes_parses_its_request_only_when_asked() -> None:
+    data = request()
+    txn = InviteClientTransaction(data, Peer("udp", "h", 1), TIMERS, "z9hG4bK-given")
+    assert txn._request is None and txn.data == data and txn.branch == "z9hG4bK-given"
+    assert txn.request.method == "INVITE" and txn._request is txn.request
+    told = InviteClientTransaction(parse_request(data), Peer("udp", "h", 1), TIMERS)
+    assert told.branch == told.request.top_via().branch  # read from the request
 
 
 def test_start_arms_retransmission_only_over_udp() -> None:

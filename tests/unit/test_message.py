@@ -13,6 +13,7 @@ from proxy.sip.message import (
     Response,
     make_response,
     parse,
+    parse_read,
 )
 
 from .sipmsg import CHAT_URI, request, response
@@ -507,3 +508,10 @@ def test_request_built_by_hand_serialises() -> None:
     assert req.get("max-forwards") == "70" and req.raw_lines("via") == [
         "Via: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1"
     ]
+
+
+def test_parse_read_gives_the_request_a_fast_path_kept_and_refuses_anything_else() -> None:
+    data = request()
+    assert bytes(parse_read(data, stream=False)) == bytes(parse(data))
+    with pytest.raises(ParseError):
+        parse_read(response(200), stream=True)

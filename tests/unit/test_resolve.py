@@ -550,3 +550,14 @@ def test_the_plans_kept_are_bounded() -> None:
         r._cache[(host, "AAAA")] = resolve._Entry(resolve.Lookup(None), until, until)
         assert r.plan_cached(host, port=5060)
         assert len(r._plans) <= resolve.PLANS_MAX
+    assert len(r._plans) == 5  # emptied once, when full, and kept since
+
+
+@pytest.mark.asyncio
+async def test_a_plan_without_srv_or_dns_at_all_is_kept_too() -> None:
+    r, net, _ = resolver()
+    first = await r.plan(POOL)  # no SRV records: the A records on the default port
+    assert r.plan_cached(POOL) == first and r._plans
+    asked = len(net.queries)
+    assert r.plan_cached("192.0.2.7", port=5060) == [Target("192.0.2.7", "192.0.2.7", 5060, "tls")]
+    assert len(r._plans) == 2 and len(net.queries) == asked  # an address asks nothing
